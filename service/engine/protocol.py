@@ -1,0 +1,88 @@
+"""The small interface the HTTP layer depends on.
+
+The service talks to an Engine only through this module: numpy arrays in, numpy arrays out,
+plain dataclasses for descriptions. Nothing here imports torch, so the HTTP layer stays free of
+it, tests can hand the service a fake engine, and the real engine could move to another process.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+BACKENDS = ("dense", "sparse", "auto")
+PRECISIONS = ("fp32", "tf32", "fp16")
+
+# Called once per timed layer of a sampled batch: (model, backend, layer, op, seconds).
+LayerObserver = Callable[[str, str, str, str, float], None]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an RGB image (0-255) becomes the model's input: resize the short side, center-crop,
+    then (x - mean) / std per channel, with mean and std in 0-255 units."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    name: str
+    architecture: str
+    labels: tuple[str, ...]
+    preprocessing: Preprocessing
+    backends: tuple[str, ...]  # loaded backends, the default first
+    max_batch_size: int
+    device: str
+    precision: str
+    # Per-layer facts for /v1/models: name, shape, sparsity, backend chosen, timings.
+    card: dict[str, Any] = field(default_factory=dict)
+    # layer name -> fraction of zero weights, exported as escort_layer_sparsity.
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (3, self.preprocessing.crop, self.preprocessing.crop)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+
+class Engine(ABC):
+    """Runs batches of preprocessed images. `infer` blocks; callers run it off the event loop,
+    one batch at a time per (model, backend)."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, ModelDescription]:
+        """Every loaded model, by name."""
+
+    @abstractmethod
+    def infer(self, model: str, backend: str, batch: np.ndarray) -> np.ndarray:
+        """batch: float32 or float16 [N, 3, H, W] with N <= max_batch_size.
+        Returns float32 probabilities [N, num_classes]."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release devices and threads."""
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What to load; built by the service from its Settings, readable without torch."""
+
+    models: tuple[str, ...]
+    backends: tuple[str, ...]  # backends kept loaded, the default first
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 (TF32 off) | tf32 | fp16
+    max_batch_size: int = 32
+    layer_profile_every: int = 100  # 0 turns sampled per-layer profiling off
+    models_dir: str = "models"
+    cache_dir: str = ".escort-cache"  # auto-tuning decisions and prepared weights
+    cuda_graphs: bool = True

@@ -1,0 +1,157 @@
+"""Build one backend's runnable model from a prepared (folded, fused) model.
+
+`dense`, `sparse` and the lowering baselines put one op kind in every conv's place; `auto` builds
+both dense and sparse ops, times them per batch bucket (autotune.py) and keeps both.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from service.engine.autotune import LayerTimings, Timer, TuningCache, device_name, make_timer, tune
+from service.engine.backends import (
+    AutoConv,
+    ConvLayer,
+    ConvOp,
+    DenseConv,
+    PlanFactory,
+    SparseConv,
+    check_sparse_available,
+    compute_dtype,
+)
+from service.engine.build import PreparedModel, materialize
+from service.engine.errors import BackendUnavailableError
+from service.engine.lowering import LOWERINGS, lowered_op
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuiltModel:
+    """One backend's runnable model (logits out) and what building it learned."""
+
+    module: nn.Module
+    backend: str
+    precision: str
+    device: torch.device
+    dtype: torch.dtype
+    channels_last: bool
+    # layer -> {bucket: "dense"|"sparse"|...}; bucket 0 means "every batch size".
+    choices: dict[str, dict[int, str]] = field(default_factory=dict)
+    timings: dict[str, LayerTimings] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def precision_notes(backend: str, precision: str, device: torch.device, half_sparse: bool):
+    if precision == "fp16" and device.type != "cuda":
+        return ["fp16 needs CUDA: on CPU every layer runs in fp32"]
+    notes = {
+        "fp32": ["fp32 strict: TF32 is off for cuDNN and cuBLAS"],
+        "tf32": ["tf32: dense convs and matmuls may use TF32 tensor cores"],
+        "fp16": ["fp16: dense layers run in half precision, channels-last"],
+    }[precision]
+    if precision == "tf32" and backend in ("sparse", "auto"):
+        notes.append("the sparse kernel computes in fp32 (TF32 applies to dense layers only)")
+    if precision == "fp16" and backend in ("sparse", "auto") and not half_sparse:
+        notes.append(
+            "sparse layers run the fp32 Escort kernel with fp16<->fp32 casts around them "
+            "until a half-precision kernel exists"
+        )
+    return notes
+
+
+def _on_device(op: ConvOp, device: torch.device, dtype: torch.dtype, channels_last: bool):
+    op = op.to(device=device, dtype=dtype)
+    return op.to(memory_format=torch.channels_last) if channels_last else op
+
+
+def build_backend(
+    prepared: PreparedModel,
+    backend: str,
+    device: torch.device,
+    precision: str,
+    *,
+    buckets: tuple[int, ...] = (1,),
+    cache: TuningCache | None = None,
+    timer: Timer | None = None,
+    plan_factory: PlanFactory | None = None,
+    cuda_graphs: bool = True,
+    on_layer: Callable[[str], None] | None = None,
+) -> BuiltModel:
+    """Materialize `backend` ("dense", "sparse", "auto" or a lowering) on `device`.
+
+    auto builds both ops of every layer, times them at each bucket (or takes the cached
+    decision) and keeps both, switching per bucket."""
+    dtype = compute_dtype(precision, device)
+    channels_last = dtype == torch.float16
+    notes = list(prepared.notes)
+    choices: dict[str, dict[int, str]] = {}
+    timings: dict[str, LayerTimings] = {}
+    half_sparse = False
+
+    def sparse_op(layer: ConvLayer) -> SparseConv:
+        return SparseConv(layer, device, plan_factory)
+
+    if backend in LOWERINGS:
+        if precision != "fp32":
+            raise ValueError(f"{backend} is an fp32 baseline; got precision {precision!r}")
+        module = materialize(prepared, lambda layer: lowered_op(backend, layer, device))
+        choices = {name: {0: backend} for name in prepared.layers}
+    elif backend == "dense":
+        module = materialize(prepared, DenseConv)
+        choices = {name: {0: "dense"} for name in prepared.layers}
+    elif backend == "sparse":
+        check_sparse_available(device)
+        sparse = {name: sparse_op(layer) for name, layer in prepared.layers.items()}
+        half_sparse = any(torch.float16 in op.plan_dtypes for op in sparse.values())
+        module = materialize(prepared, lambda layer: sparse[layer.name])
+        choices = {name: {0: "sparse"} for name in prepared.layers}
+    elif backend == "auto":
+        try:
+            check_sparse_available(device)
+            sparse = {name: sparse_op(layer) for name, layer in prepared.layers.items()}
+        except BackendUnavailableError as exc:
+            log.warning("auto falls back to dense: %s", exc)
+            notes.append(f"auto: sparse kernel unavailable ({exc}); every layer runs dense")
+            sparse = {}
+        dense = {
+            name: _on_device(DenseConv(layer), device, dtype, channels_last)
+            for name, layer in prepared.layers.items()
+        }
+        if sparse:
+            half_sparse = any(torch.float16 in op.plan_dtypes for op in sparse.values())
+            timer = timer or make_timer(
+                device, precision, dtype, channels_last=channels_last, cuda_graphs=cuda_graphs
+            )
+            timings = tune(
+                prepared.layers.values(), dense, sparse, buckets, timer,
+                cache or TuningCache(None), device_name(device), precision, on_layer,
+            )  # fmt: skip
+        for name in prepared.layers:
+            per_bucket = timings.get(name, {})
+            choices[name] = {b: str(t["choice"]) for b, t in per_bucket.items()} or {0: "dense"}
+
+        def auto_op(layer: ConvLayer) -> ConvOp:
+            choice = choices[layer.name]
+            if set(choice.values()) == {"dense"} or not sparse:
+                return dense[layer.name]
+            return AutoConv(layer, dense[layer.name], sparse[layer.name], choice)
+
+        module = materialize(prepared, auto_op)
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+
+    module = module.to(device)
+    if dtype != torch.float32:
+        module = module.to(dtype)
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    notes += precision_notes(backend, precision, device, half_sparse)
+    return BuiltModel(
+        module.eval(), backend, precision, device, dtype, channels_last, choices, timings, notes
+    )

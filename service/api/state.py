@@ -1,0 +1,236 @@
+"""What the routes share while the app runs: the engine's models, their batchers, readiness.
+
+The routes stay thin: they parse a request and call `ServiceState.classify_images` or
+`classify_tensor`, which check readiness, pick the backend, preprocess and queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.batching import BatchQueue
+from service.config import Settings
+from service.engine.protocol import Engine, ModelDescription
+from service.errors import (
+    BadInputError,
+    ModelNotFoundError,
+    NotReadyError,
+    ShuttingDownError,
+    UnknownBackendError,
+)
+from service.metrics import ServiceMetrics
+from service.preprocess import Preprocessor
+
+
+@dataclass
+class _Outcomes:
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    last_inference_ms: int = 0
+
+
+class ServiceState:
+    """Readiness, models and batchers of one app; created in the lifespan, kept on app.state."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: ServiceMetrics,
+        preprocessor: Preprocessor,
+        expected_models: tuple[str, ...],
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.preprocessor = preprocessor
+        self.expected_models = expected_models
+        self.engine: Engine | None = None
+        self.models: dict[str, ModelDescription] = {}
+        self.batchers: dict[tuple[str, str], BatchQueue] = {}
+        self.ready = False
+        self.draining = False
+        self.load_error: str | None = None
+        # Called when loading fails, so that a server process stops instead of idling unready.
+        self.on_load_failure: Callable[[], None] | None = None
+        self.inflight = 0
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+        self._outcomes: dict[str, _Outcomes] = {}
+
+    # -- readiness and lifecycle ------------------------------------------------------------
+
+    def not_ready_reason(self) -> str | None:
+        if self.draining:
+            return "the server is shutting down"
+        if self.load_error:
+            return f"model loading failed: {self.load_error}"
+        if not self.ready:
+            return "models are still loading and warming up"
+        return None
+
+    def begin_drain(self) -> None:
+        """Readiness goes false and new work is refused; work in flight carries on."""
+        self.draining = True
+
+    async def wait_quiet(self, timeout_s: float) -> bool:
+        """Wait until no request is in flight; False when the timeout ran out first."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._quiet.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    @asynccontextmanager
+    async def tracked(self) -> AsyncIterator[None]:
+        """Count a request in flight for as long as it runs, so a drain can wait for it."""
+        self.inflight += 1
+        self._quiet.clear()
+        self.metrics.inflight.inc()
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+            self.metrics.inflight.dec()
+            if self.inflight == 0:
+                self._quiet.set()
+
+    # -- lookups --------------------------------------------------------------------------
+
+    def describe(self, name: str) -> ModelDescription:
+        """The model's description; 404 if it is not served, 503 while it loads."""
+        if name in self.models:
+            return self.models[name]
+        if name in self.expected_models and not self.load_error:
+            raise NotReadyError(
+                f"model {name!r} is still loading; retry shortly", self.settings.retry_after_s
+            )
+        served = ", ".join(self.models or self.expected_models) or "none"
+        raise ModelNotFoundError(f"unknown model {name!r}; this server serves: {served}")
+
+    def model_label(self, name: str) -> str:
+        """The metrics label for a model named in a path: only served names pass through."""
+        return name if name in self.models or name in self.expected_models else "unknown"
+
+    def resolve_backend(self, model: ModelDescription, requested: str | None) -> str:
+        if requested is None or requested == "":
+            return model.backends[0]
+        if not isinstance(requested, str) or requested not in model.backends:
+            raise UnknownBackendError(
+                f"backend {requested!r} is not loaded for {model.name!r}; loaded: "
+                f"{', '.join(model.backends)} (ESCORT_BACKENDS keeps several loaded)"
+            )
+        return requested
+
+    def deadline(self, timeout_s: float | None = None) -> float:
+        """A monotonic deadline: the server's timeout, shortened by the client's if given."""
+        limit = self.settings.request_timeout_s
+        if timeout_s is not None and timeout_s > 0:
+            limit = min(limit, timeout_s)
+        return time.monotonic() + limit
+
+    def _count_refusal(self, model: str, reason: str) -> None:
+        self.metrics.rejected.labels(model, reason).inc()
+
+    def _batcher(self, model: ModelDescription, backend: str) -> BatchQueue:
+        if self.draining:
+            self._count_refusal(model.name, "shutting_down")
+            raise ShuttingDownError(
+                "the server is shutting down; retry on another replica",
+                self.settings.retry_after_s,
+            )
+        if not self.ready:
+            self._count_refusal(model.name, "not_ready")
+            raise NotReadyError(self.not_ready_reason() or "not ready", self.settings.retry_after_s)
+        return self.batchers[(model.name, backend)]
+
+    def _check_count(self, count: int) -> None:
+        if count < 1:
+            raise BadInputError("the request carries no images")
+        if count > self.settings.max_images_per_request:
+            raise BadInputError(
+                f"the request carries {count} images; at most "
+                f"{self.settings.max_images_per_request} per request "
+                "(ESCORT_MAX_IMAGES_PER_REQUEST); split it"
+            )
+
+    # -- the inference path ---------------------------------------------------------------
+
+    async def classify_images(
+        self, model: ModelDescription, backend: str, images: list[bytes], deadline: float
+    ) -> np.ndarray:
+        """Encoded images -> probabilities [N, classes]."""
+        self._check_count(len(images))
+        batcher = self._batcher(model, backend)
+        async with self._outcome(model.name):
+            batch = await self.preprocessor.images_to_batch(model.name, images, model.preprocessing)
+            return await batcher.submit(batch, deadline)
+
+    async def classify_tensor(
+        self, model: ModelDescription, backend: str, tensor: np.ndarray, deadline: float
+    ) -> np.ndarray:
+        """A preprocessed float [N, 3, H, W] tensor -> probabilities [N, classes]."""
+        self._check_count(int(tensor.shape[0]))
+        batcher = self._batcher(model, backend)
+        async with self._outcome(model.name):
+            return await batcher.submit(tensor, deadline)
+
+    @asynccontextmanager
+    async def _outcome(self, model: str) -> AsyncIterator[None]:
+        outcomes = self._outcomes.setdefault(model, _Outcomes())
+        start = time.monotonic_ns()
+        try:
+            yield
+        except BaseException:
+            outcomes.fail_count += 1
+            outcomes.fail_ns += time.monotonic_ns() - start
+            raise
+        outcomes.success_count += 1
+        outcomes.success_ns += time.monotonic_ns() - start
+        outcomes.last_inference_ms = int(time.time() * 1000)
+
+    def statistics(self, model: str, version: str) -> dict[str, Any]:
+        """The model's counters in the shape of Triton's statistics extension."""
+        outcomes = self._outcomes.get(model, _Outcomes())
+        batchers = [b for (name, _), b in self.batchers.items() if name == model]
+        images = sum(b.images_run for b in batchers)
+
+        def pair(count: int, ns: int) -> dict[str, int]:
+            return {"count": count, "ns": ns}
+
+        return {
+            "name": model,
+            "version": version,
+            "last_inference": outcomes.last_inference_ms,
+            "inference_count": images,
+            "execution_count": sum(b.batches_run for b in batchers),
+            "inference_stats": {
+                "success": pair(outcomes.success_count, outcomes.success_ns),
+                "fail": pair(outcomes.fail_count, outcomes.fail_ns),
+                "queue": pair(images, sum(b.queue_ns for b in batchers)),
+                "compute_input": pair(images, 0),
+                "compute_infer": pair(images, sum(b.compute_ns for b in batchers)),
+                "compute_output": pair(images, 0),
+                "cache_hit": pair(0, 0),
+                "cache_miss": pair(0, 0),
+            },
+            "batch_stats": [],
+        }
+
+
+def top_k(probabilities: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+    """Per row, the k best (class index, score), best first; ties keep the lower index first."""
+    k = max(1, min(k, probabilities.shape[1]))
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return [
+        [(int(i), float(row[i])) for i in indices]
+        for row, indices in zip(probabilities, order, strict=True)
+    ]

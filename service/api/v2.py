@@ -1,0 +1,196 @@
+"""KServe V2 (Open Inference Protocol) routes: server and model metadata, model readiness,
+configuration and statistics as Triton serves them, and infer (JSON and binary tensors).
+
+Each model has one version, "1"; the `/versions/{v}` forms of the routes accept it so that
+clients which always name a version work unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from importlib import metadata
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+from service.api.deps import (
+    get_state,
+    media_type,
+    read_body,
+    require_api_key,
+    set_backend_label,
+    unless_disconnected,
+)
+from service.api.v2_codec import (
+    IMAGE_INPUT,
+    OUTPUT,
+    TENSOR_INPUT,
+    encode_infer_response,
+    parse_infer_request,
+)
+from service.engine.protocol import ModelDescription
+from service.errors import NotFoundError, NotReadyError, UnsupportedMediaTypeError
+
+router = APIRouter(prefix="/v2", tags=["v2"])
+
+MODEL_VERSION = "1"
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics"]
+_BODY_TYPES = ("", "application/json", "application/octet-stream")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("escort-serve")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def _check_version(model: str, version: str | None) -> None:
+    if version is not None and version != MODEL_VERSION:
+        raise NotFoundError(f"model {model!r} has no version {version!r}; it has {MODEL_VERSION}")
+
+
+def model_metadata(desc: ModelDescription) -> dict[str, Any]:
+    channels, height, width = desc.input_shape
+    prep = desc.preprocessing
+    return {
+        "name": desc.name,
+        "versions": [MODEL_VERSION],
+        "platform": "escort",
+        "inputs": [
+            {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
+            {"name": TENSOR_INPUT, "datatype": "FP32", "shape": [-1, channels, height, width]},
+        ],
+        "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, desc.num_classes]}],
+        # Not in the V2 schema (clients ignore extra fields): how to prepare `input` yourself.
+        "parameters": {
+            "preprocessing": {
+                "color": "RGB",
+                "layout": "NCHW",
+                "resize_short_side": prep.resize,
+                "center_crop": prep.crop,
+                "mean": list(prep.mean),
+                "std": list(prep.std),
+                "formula": "(pixel_0_255 - mean) / std",
+            },
+            "backends": list(desc.backends),
+            "max_batch_size": desc.max_batch_size,
+            "input_datatypes": ["FP32", "FP16"],
+        },
+    }
+
+
+def model_config(desc: ModelDescription, max_batch_size: int) -> dict[str, Any]:
+    """The model as a Triton model configuration, for clients (perf_analyzer) that read it."""
+    channels, height, width = desc.input_shape
+    return {
+        "name": desc.name,
+        "platform": "escort",
+        "backend": "escort",
+        "max_batch_size": max_batch_size,
+        "input": [
+            {
+                "name": IMAGE_INPUT,
+                "data_type": "TYPE_STRING",
+                "dims": [1],
+                "reshape": {"shape": []},
+                "optional": True,
+            },
+            {
+                "name": TENSOR_INPUT,
+                "data_type": "TYPE_FP32",
+                "format": "FORMAT_NCHW",
+                "dims": [channels, height, width],
+                "optional": True,
+            },
+        ],
+        "output": [{"name": OUTPUT, "data_type": "TYPE_FP32", "dims": [desc.num_classes]}],
+        "dynamic_batching": {},
+        "version_policy": {"latest": {"num_versions": 1}},
+    }
+
+
+@router.get("")
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "escort-serve", "version": _version(), "extensions": EXTENSIONS}
+
+
+@router.get("/models/stats")
+async def get_all_stats(request: Request) -> dict[str, Any]:
+    state = get_state(request)
+    return {"model_stats": [state.statistics(name, MODEL_VERSION) for name in state.models]}
+
+
+@router.get("/models/{model}")
+@router.get("/models/{model}/versions/{version}")
+async def get_model_metadata(
+    request: Request, model: str, version: str | None = None
+) -> dict[str, Any]:
+    _check_version(model, version)
+    return model_metadata(get_state(request).describe(model))
+
+
+@router.get("/models/{model}/ready")
+@router.get("/models/{model}/versions/{version}/ready")
+async def get_model_ready(request: Request, model: str, version: str | None = None) -> Response:
+    _check_version(model, version)
+    state = get_state(request)
+    with contextlib.suppress(NotReadyError):  # still loading: answer "not ready" below
+        state.describe(model)
+    reason = state.not_ready_reason()
+    if reason is None:
+        return JSONResponse({"name": model, "ready": True})
+    return JSONResponse({"name": model, "ready": False, "error": reason}, status_code=503)
+
+
+@router.get("/models/{model}/config")
+@router.get("/models/{model}/versions/{version}/config")
+async def get_model_config(request: Request, model: str, version: str | None = None):
+    _check_version(model, version)
+    state = get_state(request)
+    return model_config(state.describe(model), state.settings.max_batch_size)
+
+
+@router.get("/models/{model}/stats")
+@router.get("/models/{model}/versions/{version}/stats")
+async def get_model_stats(request: Request, model: str, version: str | None = None):
+    _check_version(model, version)
+    state = get_state(request)
+    state.describe(model)
+    return {"model_stats": [state.statistics(model, MODEL_VERSION)]}
+
+
+@router.post("/models/{model}/infer", dependencies=[Depends(require_api_key)])
+@router.post("/models/{model}/versions/{version}/infer", dependencies=[Depends(require_api_key)])
+async def infer(request: Request, model: str, version: str | None = None) -> Response:
+    _check_version(model, version)
+    state = get_state(request)
+    desc = state.describe(model)
+    if media_type(request) not in _BODY_TYPES:
+        raise UnsupportedMediaTypeError(
+            f"Content-Type {media_type(request)!r} is not supported here; send "
+            "application/json, or application/octet-stream with Inference-Header-Content-Length"
+        )
+    body = await read_body(request)
+    parsed = parse_infer_request(
+        body, request.headers.get("inference-header-content-length"), desc.input_shape
+    )
+    backend = state.resolve_backend(desc, parsed.backend)
+    set_backend_label(request, backend)
+    deadline = state.deadline(parsed.timeout_s)
+    if parsed.images is not None:
+        work = state.classify_images(desc, backend, parsed.images, deadline)
+    else:
+        work = state.classify_tensor(desc, backend, parsed.tensor, deadline)  # type: ignore[arg-type]
+    probabilities = await unless_disconnected(request, work)
+    content, header_length = encode_infer_response(
+        desc.name, parsed, probabilities, desc.labels, backend
+    )
+    if header_length is None:
+        return Response(content, media_type="application/json")
+    return Response(
+        content,
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(header_length)},
+    )

@@ -1,0 +1,374 @@
+"""The KServe V2 inference codec: JSON and the binary tensor data extension, both ways.
+
+A request body is a JSON object, optionally followed by raw tensor bytes; the
+`Inference-Header-Content-Length` header says where the JSON ends. An input travels in binary
+when its `parameters.binary_data_size` is set, in input order after the JSON. Binary BYTES
+elements are each a 4-byte little-endian length and the bytes; in JSON, BYTES elements are
+strings, which for images means base64. Responses mirror this: an output is binary when its
+request asked with `parameters.binary_data` (or the request with `binary_data_output`).
+Plain numpy and pydantic; nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+
+from service.errors import BadInputError, BadTensorError, SchemaError
+
+IMAGE_INPUT = "image"
+TENSOR_INPUT = "input"
+OUTPUT = "probabilities"
+TENSOR_DTYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
+
+
+class _Tensor(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    shape: list[StrictInt]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: Any = None
+
+
+class _Output(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[_Tensor] = Field(min_length=1)
+    outputs: list[_Output] | None = None
+
+
+@dataclass
+class RequestedOutput:
+    name: str
+    binary: bool
+    classification: int = 0  # top-k strings instead of probabilities when > 0
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    backend: str | None
+    timeout_s: float | None
+    outputs: list[RequestedOutput]
+    images: list[bytes] | None = None
+    tensor: np.ndarray | None = field(default=None, repr=False)
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _param(params: dict[str, Any] | None, key: str, kind: type | tuple[type, ...], where: str):
+    if not params or key not in params:
+        return None
+    value = params[key]
+    # bool is an int subclass in Python; keep the two apart.
+    if isinstance(value, bool) and kind is int:
+        raise SchemaError(f"{where} parameter {key!r} must be an integer, not a boolean")
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise SchemaError(f"{where} parameter {key!r} must be {names}, got {value!r}")
+    return value
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    if header_length is None:
+        return body, b""
+    try:
+        length = int(header_length)
+    except ValueError:
+        raise BadInputError(
+            f"Inference-Header-Content-Length must be an integer, got {header_length!r}"
+        ) from None
+    if not 0 < length <= len(body):
+        raise BadInputError(
+            f"Inference-Header-Content-Length is {length} but the body has {len(body)} bytes"
+        )
+    return body[:length], body[length:]
+
+
+def _parse_json(header: bytes) -> _Request:
+    try:
+        document = json.loads(header, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadInputError(
+            f"request body is not valid JSON ({exc}); binary tensors need the "
+            "Inference-Header-Content-Length header"
+        ) from None
+    if not isinstance(document, dict):
+        raise SchemaError("the request must be a JSON object with an `inputs` list")
+    try:
+        return _Request.model_validate(document)
+    except ValidationError as exc:
+        parts = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(p) for p in err["loc"]) or "request"
+            parts.append(f"{where}: {err['msg']}")
+        raise SchemaError("invalid inference request: " + "; ".join(parts)) from None
+
+
+def _element_count(tensor: _Tensor) -> int:
+    if any(dim < 0 for dim in tensor.shape):
+        raise BadTensorError(f"input {tensor.name!r} has a negative dimension {tensor.shape}")
+    return math.prod(tensor.shape)
+
+
+def decode_bytes_elements(raw: bytes, expected: int, name: str) -> list[bytes]:
+    """Split the binary form of a BYTES tensor: 4-byte little-endian length, then the bytes."""
+    items: list[bytes] = []
+    offset = 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise BadTensorError(f"binary BYTES data of {name!r} ends inside a length prefix")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise BadTensorError(
+                f"binary BYTES element {len(items)} of {name!r} claims {length} bytes but "
+                f"only {len(raw) - offset} remain"
+            )
+        items.append(raw[offset : offset + length])
+        offset += length
+    if len(items) != expected:
+        raise BadTensorError(f"{name!r} has shape for {expected} elements but carries {len(items)}")
+    return items
+
+
+def encode_bytes_elements(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def _flatten_json_strings(data: Any) -> list[Any]:
+    if isinstance(data, list):
+        flat: list[Any] = []
+        for item in data:
+            flat.extend(_flatten_json_strings(item) if isinstance(item, list) else [item])
+        return flat
+    return [data]
+
+
+def _images_from_json(tensor: _Tensor, expected: int) -> list[bytes]:
+    items = _flatten_json_strings(tensor.data)
+    if len(items) != expected:
+        raise BadTensorError(
+            f"input {tensor.name!r} has shape {tensor.shape} but carries {len(items)} elements"
+        )
+    images = []
+    for index, item in enumerate(items):
+        if not isinstance(item, str):
+            raise BadTensorError(f"BYTES element {index} of {tensor.name!r} must be a string")
+        try:
+            images.append(base64.b64decode(item, validate=True))
+        except (binascii.Error, ValueError):
+            raise BadTensorError(
+                f"BYTES element {index} of {tensor.name!r} is not base64; in JSON send images "
+                "base64-encoded, or raw with the binary tensor extension"
+            ) from None
+    return images
+
+
+def _parse_images(tensor: _Tensor, raw: bytes | None) -> list[bytes]:
+    if tensor.datatype != "BYTES":
+        raise BadTensorError(f"input {IMAGE_INPUT!r} must be BYTES, got {tensor.datatype!r}")
+    shape = tensor.shape
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+        raise BadTensorError(f"input {IMAGE_INPUT!r} must have shape [N] (or [N, 1]), got {shape}")
+    expected = _element_count(tensor)
+    if raw is not None:
+        return decode_bytes_elements(raw, expected, IMAGE_INPUT)
+    return _images_from_json(tensor, expected)
+
+
+def _parse_tensor(tensor: _Tensor, raw: bytes | None, chw: tuple[int, int, int]) -> np.ndarray:
+    dtype = TENSOR_DTYPES.get(tensor.datatype)
+    if dtype is None:
+        raise BadTensorError(
+            f"input {TENSOR_INPUT!r} must be FP32 or FP16, got {tensor.datatype!r}"
+        )
+    shape = tensor.shape
+    if len(shape) != 4 or tuple(shape[1:]) != chw:
+        raise BadTensorError(
+            f"input {TENSOR_INPUT!r} must have shape [N, {chw[0]}, {chw[1]}, {chw[2]}], got {shape}"
+        )
+    count = _element_count(tensor)
+    if raw is not None:
+        if len(raw) != count * dtype.itemsize:
+            raise BadTensorError(
+                f"binary data of {TENSOR_INPUT!r} is {len(raw)} bytes; shape {shape} of "
+                f"{tensor.datatype} needs {count * dtype.itemsize}"
+            )
+        array = np.frombuffer(raw, dtype=dtype)
+    else:
+        try:
+            array = np.asarray(tensor.data, dtype=dtype)
+        except (TypeError, ValueError):
+            raise BadTensorError(
+                f"data of {TENSOR_INPUT!r} must be a (nested) list of numbers"
+            ) from None
+        if array.size != count:
+            raise BadTensorError(
+                f"input {TENSOR_INPUT!r} has shape {shape} ({count} values) but carries "
+                f"{array.size}"
+            )
+    if not np.isfinite(array).all():
+        raise BadTensorError(f"input {TENSOR_INPUT!r} contains NaN or infinity")
+    return array.reshape(shape)
+
+
+def _requested_outputs(request: _Request, binary_default: bool) -> list[RequestedOutput]:
+    if not request.outputs:
+        return [RequestedOutput(OUTPUT, binary_default)]
+    seen: set[str] = set()
+    result = []
+    for output in request.outputs:
+        if output.name != OUTPUT:
+            raise BadInputError(f"unknown output {output.name!r}; the model has {OUTPUT!r}")
+        if output.name in seen:
+            raise BadInputError(f"output {output.name!r} is requested twice")
+        seen.add(output.name)
+        where = f"output {output.name!r}"
+        binary = _param(output.parameters, "binary_data", bool, where)
+        k = _param(output.parameters, "classification", int, where) or 0
+        if k < 0:
+            raise SchemaError(f"{where} parameter 'classification' must be >= 0, got {k}")
+        result.append(RequestedOutput(output.name, binary_default if binary is None else binary, k))
+    return result
+
+
+def parse_infer_request(
+    body: bytes, header_length: str | None, chw: tuple[int, int, int]
+) -> InferRequest:
+    """Decode a V2 infer request for a model whose tensor input is [N, *chw]."""
+    header, binary = _split_body(body, header_length)
+    request = _parse_json(header)
+    params = request.parameters
+    backend = _param(params, "backend", str, "request")
+    timeout_us = _param(params, "timeout", int, "request")
+    if timeout_us is not None and timeout_us < 0:
+        raise SchemaError(f"request parameter 'timeout' (microseconds) must be >= 0: {timeout_us}")
+    binary_output = bool(_param(params, "binary_data_output", bool, "request"))
+
+    names = [tensor.name for tensor in request.inputs]
+    for name in names:
+        if name not in (IMAGE_INPUT, TENSOR_INPUT):
+            raise BadTensorError(
+                f"unknown input {name!r}; send {IMAGE_INPUT!r} (BYTES images) or "
+                f"{TENSOR_INPUT!r} (FP32/FP16 tensor)"
+            )
+    if len(names) != 1:
+        raise BadTensorError(
+            f"send exactly one input, {IMAGE_INPUT!r} or {TENSOR_INPUT!r}; got {names}"
+        )
+
+    offset = 0
+    raws: list[bytes | None] = []
+    for tensor in request.inputs:
+        size = _param(tensor.parameters, "binary_data_size", int, f"input {tensor.name!r}")
+        if size is None:
+            if tensor.data is None:
+                raise BadTensorError(
+                    f"input {tensor.name!r} has neither `data` nor a binary_data_size parameter"
+                )
+            raws.append(None)
+            continue
+        if tensor.data is not None:
+            raise BadTensorError(f"input {tensor.name!r} has both `data` and binary data")
+        if size < 0 or offset + size > len(binary):
+            raise BadTensorError(
+                f"input {tensor.name!r} declares binary_data_size {size} but only "
+                f"{len(binary) - offset} binary bytes follow the JSON"
+            )
+        raws.append(binary[offset : offset + size])
+        offset += size
+    if offset != len(binary):
+        raise BadTensorError(
+            f"{len(binary) - offset} bytes after the JSON header belong to no input; check "
+            "Inference-Header-Content-Length and binary_data_size"
+        )
+
+    result = InferRequest(
+        id=request.id,
+        backend=backend,
+        timeout_s=(timeout_us / 1e6) if timeout_us else None,
+        outputs=_requested_outputs(request, binary_output),
+    )
+    tensor, raw = request.inputs[0], raws[0]
+    if tensor.name == IMAGE_INPUT:
+        result.images = _parse_images(tensor, raw)
+    else:
+        result.tensor = _parse_tensor(tensor, raw, chw)
+    return result
+
+
+def classification_strings(
+    probabilities: np.ndarray, k: int, labels: tuple[str, ...]
+) -> list[list[bytes]]:
+    """The classification extension's "score:index:label" strings, best first, per row."""
+    k = min(k, probabilities.shape[1])
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    rows = []
+    for row, indices in zip(probabilities, order, strict=True):
+        entries = []
+        for index in indices:
+            label = labels[index] if index < len(labels) else ""
+            text = f"{float(row[index]):f}:{int(index)}"
+            entries.append((f"{text}:{label}" if label else text).encode())
+        rows.append(entries)
+    return rows
+
+
+def encode_infer_response(
+    model_name: str,
+    request: InferRequest,
+    probabilities: np.ndarray,
+    labels: tuple[str, ...],
+    backend: str,
+) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when binary outputs follow it."""
+    outputs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    batch = int(probabilities.shape[0])
+    for wanted in request.outputs:
+        entry: dict[str, Any] = {"name": wanted.name}
+        if wanted.classification > 0:
+            rows = classification_strings(probabilities, wanted.classification, labels)
+            flat = [item for row in rows for item in row]
+            entry.update(datatype="BYTES", shape=[batch, len(rows[0]) if rows else 0])
+            blob = encode_bytes_elements(flat)
+            json_data: list[Any] = [item.decode() for item in flat]
+        else:
+            values = np.ascontiguousarray(probabilities, dtype="<f4")
+            entry.update(datatype="FP32", shape=list(values.shape))
+            blob = values.tobytes()
+            json_data = values.ravel().tolist()
+        if wanted.binary:
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = json_data
+        outputs.append(entry)
+    document: dict[str, Any] = {"model_name": model_name, "model_version": "1"}
+    if request.id is not None:
+        document["id"] = request.id
+    document["parameters"] = {"backend": backend}
+    document["outputs"] = outputs
+    header = json.dumps(document, separators=(",", ":")).encode()
+    if not blobs:
+        return header, None
+    return header + b"".join(blobs), len(header)

@@ -1,0 +1,264 @@
+"""The dynamic batcher: one BatchQueue per (model, backend).
+
+Requests put their images in a bounded queue, one pending item (with an asyncio future) per
+image. A single background task takes up to `max_batch_size` live items, waiting at most
+`max_batch_delay_ms` counted from the oldest one, and runs the engine in a worker thread of
+its own so that the event loop keeps accepting and preprocessing. Items whose deadline passed
+or whose caller went away are dropped before they take a place in a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import (
+    DeadlineExceededError,
+    EngineFailureError,
+    QueueFullError,
+    ServiceError,
+    ShuttingDownError,
+)
+from service.metrics import ServiceMetrics
+
+log = logging.getLogger("escort.batching")
+
+# Runs one batch: (model, backend, batch [N,3,H,W]) -> probabilities [N, classes].
+InferFn = Callable[[str, str, np.ndarray], np.ndarray]
+
+
+@dataclass(eq=False)
+class _Pending:
+    row: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    deadline: float
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+class BatchQueue:
+    """Collects single images from many requests into engine batches for one model+backend."""
+
+    def __init__(
+        self,
+        model: str,
+        backend: str,
+        infer: InferFn,
+        metrics: ServiceMetrics,
+        max_batch_size: int,
+        max_batch_delay_ms: float,
+        max_queue_size: int,
+        retry_after_s: int = 1,
+    ) -> None:
+        self.model = model
+        self.backend = backend
+        self._infer = infer
+        self._metrics = metrics
+        self.max_batch_size = max_batch_size
+        self._delay_s = max_batch_delay_ms / 1000.0
+        self.max_queue_size = max_queue_size
+        self._retry_after_s = retry_after_s
+        self._items: deque[_Pending] = deque()
+        self._arrived = asyncio.Event()
+        self._filled = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+        # The engine is not re-entrant per (model, backend): exactly one worker thread.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{model}")
+        # Running totals for the V2 statistics endpoint.
+        self.batches_run = 0
+        self.images_run = 0
+        self.queue_ns = 0
+        self.compute_ns = 0
+
+    @property
+    def depth(self) -> int:
+        """Images waiting, not counting a batch being computed."""
+        return len(self._items)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"batcher-{self.model}-{self.backend}"
+            )
+
+    async def submit(self, batch: np.ndarray, deadline: float) -> np.ndarray:
+        """Queue the rows of `batch`, wait for all of them, and return their results in order.
+
+        Raises QueueFullError when the rows do not fit, DeadlineExceededError once `deadline`
+        (a time.monotonic() value) passes, and the batch's error if the engine fails.
+        """
+        if self._closed:
+            raise ShuttingDownError("the server is shutting down", self._retry_after_s)
+        rows = len(batch)
+        if len(self._items) + rows > self.max_queue_size:
+            self._metrics.rejected.labels(self.model, "queue_full").inc()
+            raise QueueFullError(
+                f"model {self.model!r} ({self.backend}) has {len(self._items)} images queued "
+                f"and holds at most {self.max_queue_size}; retry later",
+                self._retry_after_s,
+            )
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        pending = [_Pending(row, loop.create_future(), deadline, now) for row in batch]
+        self._items.extend(pending)
+        self._metrics.queue_depth.labels(self.model).inc(rows)
+        self._idle.clear()
+        self._arrived.set()
+        if len(self._items) >= self.max_batch_size:
+            self._filled.set()
+        futures = [item.future for item in pending]
+        try:
+            async with asyncio.timeout_at(_loop_time(loop, deadline)):
+                results = await asyncio.gather(*futures)
+        except TimeoutError:
+            self._abandon(futures)
+            self._metrics.rejected.labels(self.model, "deadline").inc()
+            raise DeadlineExceededError(
+                "the request's deadline passed before it was computed; retry, raise the V2 "
+                "`timeout` parameter or ESCORT_REQUEST_TIMEOUT_S"
+            ) from None
+        except DeadlineExceededError:
+            self._abandon(futures)
+            self._metrics.rejected.labels(self.model, "deadline").inc()
+            raise
+        except asyncio.CancelledError:
+            # The caller went away (client disconnect): its queued rows must not be computed.
+            self._abandon(futures)
+            self._metrics.rejected.labels(self.model, "client_disconnected").inc()
+            raise
+        except BaseException:
+            self._abandon(futures)
+            raise
+        return np.stack(results)
+
+    @staticmethod
+    def _abandon(futures: list[asyncio.Future[np.ndarray]]) -> None:
+        for future in futures:
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled():
+                future.exception()  # mark retrieved so asyncio does not log it
+
+    def _take_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        now = time.monotonic()
+        while self._items and len(batch) < self.max_batch_size:
+            item = self._items.popleft()
+            self._metrics.queue_depth.labels(self.model).dec()
+            if item.future.done():  # cancelled: the caller stopped waiting
+                continue
+            if item.deadline <= now:
+                item.future.set_exception(
+                    DeadlineExceededError("the request's deadline passed while it was queued")
+                )
+                continue
+            self._metrics.queue_duration.labels(self.model).observe(now - item.enqueued_at)
+            self.queue_ns += int((now - item.enqueued_at) * 1e9)
+            batch.append(item)
+        return batch
+
+    async def _wait_to_fill(self) -> None:
+        while not self._items:
+            self._arrived.clear()
+            await self._arrived.wait()
+        if len(self._items) >= self.max_batch_size or self._delay_s <= 0:
+            return
+        remaining = self._items[0].enqueued_at + self._delay_s - time.monotonic()
+        if remaining <= 0:
+            return
+        self._filled.clear()
+        if len(self._items) >= self.max_batch_size:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(remaining):
+                await self._filled.wait()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wait_to_fill()
+            batch = self._take_batch()
+            if not batch:
+                if not self._items:
+                    self._idle.set()
+                continue
+            await self._compute(loop, batch)
+            if not self._items:
+                self._idle.set()
+
+    async def _compute(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+        size = len(batch)
+        inputs = np.stack([item.row for item in batch])
+        start = time.monotonic()
+        try:
+            outputs = await loop.run_in_executor(
+                self._worker, self._infer, self.model, self.backend, inputs
+            )
+            outputs = np.asarray(outputs)
+            if outputs.ndim < 1 or outputs.shape[0] != size:
+                got = outputs.shape[0] if outputs.ndim else "no"
+                raise EngineFailureError(
+                    f"the engine returned {got} results for a batch of {size} on "
+                    f"{self.model}/{self.backend}"
+                )
+        except Exception as exc:
+            self._metrics.batch_failures.labels(self.model, self.backend).inc()
+            if not isinstance(exc, ServiceError):
+                log.exception("batch of %d failed on %s/%s", size, self.model, self.backend)
+                exc = EngineFailureError(
+                    f"inference failed on {self.model}/{self.backend}: {type(exc).__name__}: {exc}"
+                )
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        finally:
+            elapsed = time.monotonic() - start
+        self.batches_run += 1
+        self.images_run += size
+        self.compute_ns += int(elapsed * 1e9)
+        self._metrics.compute_duration.labels(self.model, self.backend).observe(elapsed)
+        self._metrics.batch_size.labels(self.model, self.backend).observe(size)
+        for item, output in zip(batch, outputs, strict=True):
+            if not item.future.done():
+                item.future.set_result(output)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until every queued image is computed; False when `timeout_s` ran out first."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Stop taking work, fail what is still queued, and stop the worker."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        error = ShuttingDownError("the server shut down before this request ran", 0)
+        while self._items:
+            item = self._items.popleft()
+            self._metrics.queue_depth.labels(self.model).dec()
+            if not item.future.done():
+                item.future.set_exception(error)
+        self._worker.shutdown(wait=False, cancel_futures=True)
+
+
+def _loop_time(loop: asyncio.AbstractEventLoop, deadline: float) -> float:
+    """A time.monotonic() deadline on the loop's clock (the same clock on CPython, but do not
+    rely on it)."""
+    return loop.time() + (deadline - time.monotonic())

@@ -1,0 +1,271 @@
+"""The one typed configuration of the service.
+
+Every setting is an `ESCORT_<NAME>` environment variable. `ESCORT_CONFIG` may name a TOML file
+whose keys are the same names in lower case without the prefix (`max_batch_size = 16`); the
+environment wins over the file, and the file over the defaults. An invalid value stops the
+service at startup with a message that names the setting and what is wrong with it.
+
+`python -m service.config` prints the settings table that README.md carries.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "ESCORT_"
+CONFIG_FILE_VAR = "ESCORT_CONFIG"
+BACKEND_NAMES = ("dense", "sparse", "auto")
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+Backend = Literal["dense", "sparse", "auto"]
+CommaList = Annotated[tuple[str, ...], NoDecode]
+
+
+class ConfigError(ValueError):
+    """Settings that cannot be used; the message names each bad setting and why."""
+
+
+class Settings(BaseSettings):
+    """Escort Serve settings (environment variables with the ESCORT_ prefix)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        case_sensitive=False,
+        validate_default=True,
+        frozen=True,
+    )
+
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all).")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
+    models: CommaList = Field(
+        ("efficientnet-lite0",),
+        description="Comma list of model manifests in the models folder to serve.",
+    )
+    backend: Backend = Field("auto", description="Backend for requests that do not name one.")
+    backends: CommaList = Field(
+        (),
+        description="Comma list of backends kept loaded (requests may pick one); empty: just "
+        "the default backend.",
+    )
+    device: str = Field("auto", description="Where to run: auto picks the GPU when there is one.")
+    precision: Literal["fp32", "tf32", "fp16"] = Field(
+        "fp32", description="Arithmetic of the engine; fp32 keeps TF32 off."
+    )
+    max_batch_size: int = Field(
+        32, ge=1, le=1024, description="Most images the batcher puts in one engine call."
+    )
+    max_batch_delay_ms: float = Field(
+        5.0,
+        ge=0,
+        le=10_000,
+        description="Longest wait for a batch to fill, counted from its oldest request.",
+    )
+    max_queue_size: int = Field(
+        512,
+        ge=1,
+        description="Most images waiting per model and backend; beyond it requests get 503.",
+    )
+    request_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Deadline of a request; a V2 `timeout` parameter may only shorten it.",
+    )
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)."
+    )
+    max_image_pixels: int = Field(
+        50_000_000,
+        ge=1,
+        description="Largest decoded image (width x height) accepted; stops decompression bombs.",
+    )
+    max_images_per_request: int = Field(
+        64, ge=1, description="Most images (or tensor rows) one request may carry."
+    )
+    layer_profile_every: int = Field(
+        100, ge=0, description="Time each layer of 1 batch in N (0 turns per-layer timing off)."
+    )
+    api_key: SecretStr | None = Field(
+        None, description="Bearer token required on inference endpoints (unset: no auth)."
+    )
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info", description="Log level of the service and of uvicorn."
+    )
+    models_dir: str = Field("models", description="Folder that holds the model manifests.")
+    cache_dir: str = Field(
+        ".escort-cache", description="Folder for prepared weights and auto-tuning decisions."
+    )
+    cuda_graphs: bool = Field(True, description="Replay batches through CUDA graphs on the GPU.")
+    preprocess_workers: int = Field(
+        4, ge=1, le=256, description="Threads that decode and resize images."
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, longest wait for requests in flight to finish."
+    )
+    retry_after_s: int = Field(
+        1, ge=0, description="Retry-After seconds sent with 503 answers on overload."
+    )
+
+    @field_validator("models", "backends", mode="before")
+    @classmethod
+    def _split_comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list | tuple):
+            # Order matters (the first backend is the default), duplicates do not.
+            items = [str(item).strip() for item in value]
+            return tuple(dict.fromkeys(item for item in items if item))
+        return value
+
+    @field_validator("backend", "precision", "log_level", "device", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("models")
+    @classmethod
+    def _need_a_model(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("name at least one model")
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+                raise ValueError(f"{name!r} is not a model name (letters, digits, . _ -)")
+        return value
+
+    @field_validator("backends")
+    @classmethod
+    def _known_backends(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        value = tuple(item.lower() for item in value)
+        unknown = [item for item in value if item not in BACKEND_NAMES]
+        if unknown:
+            raise ValueError(f"unknown backend(s) {unknown}; choose from {list(BACKEND_NAMES)}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE_PATTERN.match(value):
+            raise ValueError(f"{value!r} is not auto, cpu, cuda or cuda:N")
+        return value
+
+    @model_validator(mode="after")
+    def _default_backend_is_loaded(self) -> Settings:
+        if self.backends and self.backend not in self.backends:
+            if "backend" in self.model_fields_set:
+                raise ValueError(
+                    f"ESCORT_BACKEND={self.backend} is not among ESCORT_BACKENDS="
+                    f"{','.join(self.backends)}; add it there or pick one of those"
+                )
+            # Only the list was given: its first entry is the default.
+            object.__setattr__(self, "backend", self.backends[0])
+        return self
+
+    @property
+    def loaded_backends(self) -> tuple[str, ...]:
+        """Backends to keep loaded, the default first."""
+        rest = tuple(b for b in self.backends if b != self.backend)
+        return (self.backend, *rest)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_FILE_VAR, "").strip()
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+
+def _describe_error(error: dict[str, Any], from_file: bool) -> str:
+    location = [str(part) for part in error.get("loc", ()) if part != "__root__"]
+    reason = error.get("msg", "invalid")
+    if error.get("type") == "extra_forbidden":
+        where = os.environ.get(CONFIG_FILE_VAR, "the config file") if from_file else "input"
+        return f"{location[0] if location else '?'}: unknown setting in {where}"
+    if not location:
+        return reason.removeprefix("Value error, ")
+    name = ENV_PREFIX + location[0].upper()
+    given = error.get("input")
+    shown = "" if isinstance(given, dict) or location[0] == "api_key" else f" (got {given!r})"
+    return f"{name}: {reason.removeprefix('Value error, ')}{shown}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings from the environment (and ESCORT_CONFIG), raising ConfigError on bad input."""
+    config_file = os.environ.get(CONFIG_FILE_VAR, "").strip()
+    if config_file and not Path(config_file).is_file():
+        raise ConfigError(f"{CONFIG_FILE_VAR}={config_file}: no such file")
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = [_describe_error(err, bool(config_file)) for err in exc.errors()]
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None
+    except (OSError, ValueError) as exc:  # an unreadable or malformed TOML file
+        raise ConfigError(f"{CONFIG_FILE_VAR}={config_file}: {exc}") from None
+
+
+def _default_text(name: str) -> str:
+    field = Settings.model_fields[name]
+    value = field.default
+    if value is None:
+        return "(unset)"
+    if name == "backends":
+        return "(just `ESCORT_BACKEND`)"
+    if isinstance(value, tuple):
+        return f"`{','.join(value)}`"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    return f"`{value}`"
+
+
+def _type_text(name: str) -> str:
+    annotation = Settings.model_fields[name].annotation
+    text = {int: "int", float: "float", str: "str", bool: "bool"}.get(annotation)  # type: ignore[call-overload]
+    if text:
+        return text
+    if name in ("models", "backends"):
+        return "comma list"
+    if name == "api_key":
+        return "secret str"
+    args = getattr(annotation, "__args__", ())
+    return "|".join(str(arg) for arg in args) if args else str(annotation)
+
+
+def settings_table_markdown() -> str:
+    """The README settings table, generated from the Settings fields."""
+    rows = [
+        "| Variable | Type | Default | Description |",
+        "|---|---|---|---|",
+        f"| `{CONFIG_FILE_VAR}` | path | (unset) | Optional TOML file with any of the "
+        "settings below (keys in lower case, without the prefix). |",
+    ]
+    for name, field in Settings.model_fields.items():
+        description = (field.description or "").replace("|", "\\|")
+        type_text = _type_text(name).replace("|", "\\|")
+        rows.append(
+            f"| `{ENV_PREFIX}{name.upper()}` | {type_text} | {_default_text(name)} | {description} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(settings_table_markdown())

@@ -1,0 +1,194 @@
+"""Every Prometheus metric of the service, in one place.
+
+Each app owns a ServiceMetrics with its own CollectorRegistry, so that tests can build several
+apps in one process. Histograms, not summaries, so that replicas aggregate. Label values for
+`model` only ever come from the configured models, never from a request path, which keeps the
+number of series bounded whatever clients send.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# Request latency from a millisecond (cached small batch on a GPU) to the longest deadline.
+REQUEST_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+# Preprocessing of one image: JPEG decode plus resize, a few ms for a phone photo.
+PREPROCESS_BUCKETS_S = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
+# Single conv layers on a GPU take microseconds; on the CPU reference, up to a second.
+LAYER_BUCKETS_S = (
+    5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
+    5e-2, 0.1, 0.25, 1.0,
+)  # fmt: skip
+REJECT_REASONS = ("queue_full", "deadline", "client_disconnected", "shutting_down", "not_ready")
+
+MemoryProbe = Callable[[], Mapping[str, Mapping[str, float]]]
+
+
+def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """Powers of two up to the first one at or above max_batch_size."""
+    buckets = [1.0]
+    while buckets[-1] < max_batch_size:
+        buckets.append(buckets[-1] * 2)
+    return tuple(buckets)
+
+
+class _DeviceMemoryCollector(Collector):
+    """Reads device memory at scrape time from the engine's optional `memory_stats()` hook,
+    which returns {device: {"allocated": bytes, "reserved": bytes, "total": bytes}}."""
+
+    def __init__(self) -> None:
+        self.probe: MemoryProbe | None = None
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "escort_device_memory_bytes",
+            "Device memory held by the engine, by device and kind (allocated, reserved, total).",
+            labels=["device", "kind"],
+        )
+        if self.probe is not None:
+            try:
+                stats = self.probe()
+            except Exception:  # a scrape must never fail because a probe did
+                stats = {}
+            for device, kinds in stats.items():
+                for kind, value in kinds.items():
+                    family.add_metric([str(device), str(kind)], float(value))
+        yield family
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return []
+
+
+class ServiceMetrics:
+    """The service's metric objects, registered in a registry of their own."""
+
+    def __init__(self, max_batch_size: int = 32) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self.requests = Counter(
+            "escort_requests",
+            "Inference requests answered, by model, backend, protocol (v1, v2) and HTTP code.",
+            ["model", "backend", "protocol", "code"],
+            registry=reg,
+        )
+        self.request_duration = Histogram(
+            "escort_request_duration_seconds",
+            "Time from receiving an inference request to sending its answer.",
+            ["model", "backend"],
+            buckets=REQUEST_BUCKETS_S,
+            registry=reg,
+        )
+        self.queue_duration = Histogram(
+            "escort_queue_duration_seconds",
+            "Time an image waited in the batcher before its batch started.",
+            ["model"],
+            buckets=REQUEST_BUCKETS_S,
+            registry=reg,
+        )
+        self.preprocess_duration = Histogram(
+            "escort_preprocess_duration_seconds",
+            "Time to decode, resize and normalize one image.",
+            ["model"],
+            buckets=PREPROCESS_BUCKETS_S,
+            registry=reg,
+        )
+        self.compute_duration = Histogram(
+            "escort_compute_duration_seconds",
+            "Engine time per batch.",
+            ["model", "backend"],
+            buckets=REQUEST_BUCKETS_S,
+            registry=reg,
+        )
+        self.batch_size = Histogram(
+            "escort_batch_size",
+            "Images per engine batch.",
+            ["model", "backend"],
+            buckets=batch_size_buckets(max_batch_size),
+            registry=reg,
+        )
+        self.queue_depth = Gauge(
+            "escort_queue_depth",
+            "Images waiting in the batchers of a model.",
+            ["model"],
+            registry=reg,
+        )
+        self.rejected = Counter(
+            "escort_rejected",
+            "Requests refused or dropped before compute, by reason.",
+            ["model", "reason"],
+            registry=reg,
+        )
+        self.layer_duration = Histogram(
+            "escort_layer_duration_seconds",
+            "Sampled time of one layer on one batch.",
+            ["model", "backend", "layer", "op"],
+            buckets=LAYER_BUCKETS_S,
+            registry=reg,
+        )
+        self.layer_sparsity = Gauge(
+            "escort_layer_sparsity",
+            "Fraction of zero weights in a layer.",
+            ["model", "layer"],
+            registry=reg,
+        )
+        self.model_ready = Gauge(
+            "escort_model_ready",
+            "1 when the model is loaded and warmed, else 0.",
+            ["model"],
+            registry=reg,
+        )
+        self.batch_failures = Counter(
+            "escort_batch_failures",
+            "Engine batches that raised or returned a wrong number of results.",
+            ["model", "backend"],
+            registry=reg,
+        )
+        self.inflight = Gauge(
+            "escort_inflight_requests",
+            "Inference requests being handled now.",
+            registry=reg,
+        )
+        self._memory = _DeviceMemoryCollector()
+        reg.register(self._memory)
+
+    def set_memory_probe(self, probe: MemoryProbe | None) -> None:
+        self._memory.probe = probe
+
+    def observe_layer(self, model: str, backend: str, layer: str, op: str, seconds: float) -> None:
+        """The engine's layer observer: one sampled layer timing."""
+        self.layer_duration.labels(model, backend, layer, op).observe(seconds)
+
+    def prepare_model(self, model: str, backends: Iterable[str], sparsity: Mapping[str, float]):
+        """Create a model's series up front, so that dashboards see zeros rather than gaps."""
+        self.model_ready.labels(model).set(0)
+        self.queue_depth.labels(model)
+        self.queue_duration.labels(model)
+        self.preprocess_duration.labels(model)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(model, reason)
+        for backend in backends:
+            self.batch_size.labels(model, backend)
+            self.compute_duration.labels(model, backend)
+            self.request_duration.labels(model, backend)
+        for layer, fraction in sparsity.items():
+            self.layer_sparsity.labels(model, layer).set(float(fraction))
+
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -164,7 +164,7 @@ def _prepare_traced(gm: torch.fx.GraphModule, input_shape) -> PreparedModel:
 
 def _prepare_untraced(model: nn.Module, input_shape) -> PreparedModel:
     """Fallback for models fx cannot trace: swap convs in place, no folding, no fusion."""
-    model = copy.deepcopy(model).eval().float()
+    model = fold.copy_model(model).eval().float()
     fold.make_pruning_permanent(model)
     shapes: dict[str, tuple] = {}
     hooks = []

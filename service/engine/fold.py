@@ -35,9 +35,21 @@ def make_pruning_permanent(model: nn.Module) -> int:
     return count
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """deepcopy that also copes with torch.nn.utils.prune: its computed `weight` attributes are
+    not graph leaves, which deepcopy refuses; they are copied detached instead."""
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
 def trace(model: nn.Module) -> torch.fx.GraphModule | None:
-    """Symbolically trace a copy of the model; None when the model's Python is not traceable
-    (data-dependent control flow), in which case the caller falls back to module swapping."""
+    """Symbolically trace the model; None when its Python is not traceable (data-dependent
+    control flow), in which case the caller falls back to module swapping. The GraphModule
+    shares the model's submodules: copy the model first if it must stay as it is."""
     try:
         return torch.fx.symbolic_trace(model)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, NotImplementedError)
@@ -119,7 +131,7 @@ def node_shape(node: object) -> tuple[int, ...] | None:
 def prepare(model: nn.Module, input_shape: tuple[int, int, int]) -> torch.fx.GraphModule | None:
     """A traced, BN-folded copy of the model with shapes recorded for a batch of one;
     None when the model cannot be traced. The caller's model is not modified."""
-    model = copy.deepcopy(model).eval().float()
+    model = copy_model(model).eval().float()
     make_pruning_permanent(model)
     gm = trace(model)
     if gm is None:

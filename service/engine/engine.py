@@ -1,0 +1,293 @@
+"""TorchEngine: the Engine the service runs, one Runner per (model, backend).
+
+Loading a model: manifest -> pruned nn.Module (the models' loader) -> prepare once (fold BN,
+fuse, shapes) -> build each requested backend -> warm (and on CUDA capture) every bucket ->
+model card. Everything that can fail does so here, at load, not on the first request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from service.engine.assemble import BuiltModel, build_backend
+from service.engine.autotune import Timer, TuningCache
+from service.engine.backends import PlanFactory
+from service.engine.build import prepare_model
+from service.engine.card import layer_sparsity, model_card
+from service.engine.errors import (
+    BackendUnavailableError,
+    UnknownBackendError,
+    UnknownModelError,
+)
+from service.engine.protocol import (
+    BACKENDS,
+    PRECISIONS,
+    Engine,
+    EngineSpec,
+    LayerObserver,
+    ModelDescription,
+    Preprocessing,
+)
+from service.engine.runner import Runner, batch_buckets
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json", ".toml")
+
+
+@dataclass
+class ModelSource:
+    """A model to serve: the pruned module and what the service needs to describe it."""
+
+    name: str
+    architecture: str
+    module: nn.Module
+    preprocessing: Preprocessing
+    labels: tuple[str, ...]
+    source: str = ""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"bad device {device!r}; use auto, cpu, cuda or cuda:N") from exc
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackendUnavailableError(
+                f"device {device!r} asked for, but torch sees no CUDA GPU; use ESCORT_DEVICE=cpu"
+            )
+        index = resolved.index if resolved.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise BackendUnavailableError(
+                f"device {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist"
+            )
+        resolved = torch.device("cuda", index)
+    return resolved
+
+
+def available_models(models_dir: str | Path) -> list[str]:
+    """Manifest names in models_dir, as the models package lists them when it can."""
+    try:
+        from service.engine import manifest
+    except ImportError:
+        manifest = None
+    for attr in ("list_manifests", "available_manifests", "available_models"):
+        lister = getattr(manifest, attr, None)
+        if callable(lister):
+            return sorted(lister(models_dir))
+    folder = Path(models_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p.stem
+        for p in folder.iterdir()
+        if p.suffix in MANIFEST_SUFFIXES and "label" not in p.stem and not p.stem.startswith(".")
+    )
+
+
+def load_source(name: str, models_dir: str | Path, progress: bool = False) -> ModelSource:
+    """Manifest and pruned weights of a shipped (or user) model, by manifest name."""
+    known = available_models(models_dir)
+    if name not in known:
+        raise UnknownModelError(name, known, str(models_dir))
+    from service.engine.loader import load_pruned_model
+    from service.engine.manifest import load_manifest
+
+    manifest = load_manifest(name, models_dir)
+    module = load_pruned_model(manifest, progress=progress)
+    return ModelSource(
+        name=manifest.name,
+        architecture=manifest.architecture,
+        module=module,
+        preprocessing=manifest.preprocessing,
+        labels=tuple(manifest.labels),
+        source=str(getattr(manifest, "source", "") or getattr(manifest, "description", "")),
+    )
+
+
+def check_spec(spec: EngineSpec) -> None:
+    if not spec.models:
+        raise ValueError("no models to load; set ESCORT_MODELS")
+    if not spec.backends:
+        raise ValueError("no backends to load; set ESCORT_BACKEND or ESCORT_BACKENDS")
+    for backend in spec.backends:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if spec.precision not in PRECISIONS:
+        raise ValueError(
+            f"unknown precision {spec.precision!r}; choose from {', '.join(PRECISIONS)}"
+        )
+    if spec.max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {spec.max_batch_size}")
+
+
+class _Progress:
+    """A tqdm bar when asked for; a no-op otherwise (and when tqdm is missing)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="loading models", unit="step", leave=False)
+
+    def step(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+            self.bar.update(1)
+
+    def note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class TorchEngine(Engine):
+    def __init__(
+        self,
+        spec: EngineSpec,
+        sources: Sequence[ModelSource] | None = None,
+        layer_observer: LayerObserver | None = None,
+        progress: bool = True,
+        *,
+        plan_factory: PlanFactory | None = None,
+        timer: Timer | None = None,
+        load: Callable[[str, str, bool], ModelSource] = load_source,
+    ) -> None:
+        check_spec(spec)
+        self.spec = spec
+        self.device = resolve_device(spec.device)
+        # What actually runs: without CUDA every precision is fp32 (the card notes why).
+        self.precision = spec.precision if self.device.type == "cuda" else "fp32"
+        self.buckets = batch_buckets(spec.max_batch_size)
+        self._runners: dict[str, dict[str, Runner]] = {}
+        self._descriptions: dict[str, ModelDescription] = {}
+        cache = TuningCache(Path(spec.cache_dir) / "autotune.json")
+        names = [s.name for s in sources] if sources is not None else list(spec.models)
+        given = {s.name: s for s in sources or ()}
+        bar = _Progress(len(names) * (2 + 2 * len(spec.backends)), progress)
+        try:
+            for name in names:
+                if name in given:
+                    source = given[name]
+                else:
+                    bar.note(f"{name}: loading weights")
+                    source = load(name, spec.models_dir, progress)
+                bar.step(f"{name}: loaded")
+                self._load(source, cache, layer_observer, plan_factory, timer, bar)
+        except BaseException:
+            bar.close()
+            self.close()
+            raise
+        bar.close()
+
+    def _load(self, source, cache, observer, plan_factory, timer, bar: _Progress) -> None:
+        spec = self.spec
+        input_shape = (3, source.preprocessing.crop, source.preprocessing.crop)
+        prepared = prepare_model(source.module, input_shape)
+        bar.step(f"{source.name}: folded and fused {len(prepared.layers)} convs")
+        # On CPU auto measures once at batch 1: a quick decision, not a sweep.
+        tune_buckets = self.buckets if self.device.type == "cuda" else (1,)
+        builts: dict[str, BuiltModel] = {}
+        runners: dict[str, Runner] = {}
+        self._runners[source.name] = runners
+        for backend in spec.backends:
+            total = len(prepared.layers)
+            done = [0]
+
+            def tick(layer: str, backend: str = backend, total: int = total, done=done) -> None:
+                done[0] += 1
+                bar.note(f"{source.name}/{backend}: tuning {done[0]}/{total} {layer}")
+
+            builts[backend] = build_backend(
+                prepared,
+                backend,
+                self.device,
+                spec.precision,
+                buckets=tune_buckets,
+                cache=cache,
+                timer=timer,
+                plan_factory=plan_factory,
+                cuda_graphs=spec.cuda_graphs,
+                on_layer=tick,
+            )
+            bar.step(f"{source.name}/{backend}: built")
+            runner = Runner(
+                builts[backend],
+                model_name=source.name,
+                input_shape=input_shape,
+                max_batch_size=spec.max_batch_size,
+                buckets=self.buckets,
+                cuda_graphs=spec.cuda_graphs,
+                profile_every=spec.layer_profile_every,
+                observer=observer,
+            )
+            runners[backend] = runner
+            runner.warm()
+            if runner.num_classes != len(source.labels):
+                raise ValueError(
+                    f"model {source.name!r} outputs {runner.num_classes} classes but its "
+                    f"manifest lists {len(source.labels)} labels"
+                )
+            bar.step(f"{source.name}/{backend}: warm")
+        card = model_card(
+            source.name,
+            source.architecture,
+            prepared,
+            builts,
+            device=str(self.device),
+            precision=self.precision,
+            source=source.source,
+        )
+        self._descriptions[source.name] = ModelDescription(
+            name=source.name,
+            architecture=source.architecture,
+            labels=source.labels,
+            preprocessing=source.preprocessing,
+            backends=tuple(spec.backends),
+            max_batch_size=spec.max_batch_size,
+            device=str(self.device),
+            precision=self.precision,
+            card=card,
+            layer_sparsity=layer_sparsity(prepared),
+        )
+
+    # ------------------------------------------------------------ Engine
+
+    def describe(self) -> dict[str, ModelDescription]:
+        return dict(self._descriptions)
+
+    def runner(self, model: str, backend: str) -> Runner:
+        runners = self._runners.get(model)
+        if runners is None or model not in self._descriptions:
+            raise UnknownModelError(model, self._descriptions)
+        if backend not in runners:
+            raise UnknownBackendError(model, backend, runners)
+        return runners[backend]
+
+    def infer(self, model: str, backend: str, batch: np.ndarray) -> np.ndarray:
+        return self.runner(model, backend).infer(batch)
+
+    def close(self) -> None:
+        for runners in self._runners.values():
+            for runner in runners.values():
+                runner.close()
+        self._runners.clear()
+        self._descriptions.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

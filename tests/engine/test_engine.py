@@ -1,0 +1,193 @@
+"""TorchEngine end to end on CPU: numpy in, probabilities out, cards, errors, profiling."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from service.engine import load_engine
+from service.engine.engine import ModelSource, TorchEngine, available_models
+from service.engine.errors import BadBatchError, UnknownBackendError, UnknownModelError
+from service.engine.protocol import EngineSpec, Preprocessing
+from tests.engine.conftest import magnitude_prune, randomize_batchnorm
+
+PREP = Preprocessing(resize=73, crop=64, mean=(120.0, 115.0, 100.0), std=(60.0, 60.0, 60.0))
+LABELS = tuple(f"class {i}" for i in range(1000))
+
+
+def _source(name: str = "tiny-resnet", arch: str = "resnet18") -> ModelSource:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)().eval()
+    model = magnitude_prune(randomize_batchnorm(model), 0.85)
+    return ModelSource(name, arch, model, PREP, LABELS, source="test")
+
+
+def _engine(tmp_path, backends=("sparse", "dense"), plan_factory=None, observer=None, **spec_kw):
+    spec = EngineSpec(
+        models=("tiny-resnet",),
+        backends=backends,
+        device="cpu",
+        max_batch_size=spec_kw.pop("max_batch_size", 8),
+        cache_dir=str(tmp_path / "cache"),
+        **spec_kw,
+    )
+    return TorchEngine(
+        spec, [_source()], layer_observer=observer, progress=False, plan_factory=plan_factory
+    )
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    from tests.engine.conftest import StandInPlan, real_plan_factory
+
+    tmp = tmp_path_factory.mktemp("engine")
+    eng = _engine(tmp, ("sparse", "dense", "auto"), real_plan_factory() or StandInPlan)
+    yield eng
+    eng.close()
+
+
+def test_probabilities_match_the_original_model(engine) -> None:
+    batch = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    source = _source()
+    with torch.no_grad():
+        want = torch.softmax(source.module(torch.from_numpy(batch)), 1).numpy()
+    for backend in ("dense", "sparse", "auto"):
+        probs = engine.infer("tiny-resnet", backend, batch)
+        assert probs.dtype == np.float32 and probs.shape == (3, 1000)
+        np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(probs, want, atol=1e-5)
+    half = engine.infer("tiny-resnet", "dense", batch.astype(np.float16))
+    np.testing.assert_allclose(half, want, atol=1e-2)
+    readonly = batch.copy()
+    readonly.flags.writeable = False
+    np.testing.assert_allclose(engine.infer("tiny-resnet", "sparse", readonly), want, atol=1e-5)
+
+
+def test_describe_carries_card_and_sparsity(engine) -> None:
+    desc = engine.describe()["tiny-resnet"]
+    assert desc.backends == ("sparse", "dense", "auto")
+    assert desc.input_shape == (3, 64, 64) and desc.num_classes == 1000
+    assert desc.device == "cpu" and desc.precision == "fp32"
+    card = json.loads(json.dumps(desc.card))
+    layers = {layer["name"]: layer for layer in card["layers"]}
+    assert layers["layer1.0.conv2"]["backend"]["sparse"] == "sparse"
+    assert layers["layer1.0.conv2"]["backend"]["dense"] == "dense"
+    assert layers["layer1.0.conv2"]["sparsity"] == pytest.approx(0.85, abs=0.01)
+    assert "1" in layers["layer1.0.conv2"]["time_s"]["dense"]  # auto measured on CPU at b1
+    assert layers["fc"]["kind"] == "linear"
+    assert set(desc.layer_sparsity) == set(layers)
+    assert card["conv_layers"] == 20
+
+
+def test_bad_requests_raise_clear_errors(engine) -> None:
+    ok = np.zeros((1, 3, 64, 64), np.float32)
+    with pytest.raises(UnknownModelError, match="available: tiny-resnet"):
+        engine.infer("resnet-nope", "dense", ok)
+    with pytest.raises(UnknownBackendError, match="loaded: sparse, dense, auto"):
+        engine.infer("tiny-resnet", "cudnn", ok)
+    with pytest.raises(BadBatchError, match=r"\[N, 3, 64, 64\]"):
+        engine.infer("tiny-resnet", "dense", np.zeros((1, 3, 32, 32), np.float32))
+    with pytest.raises(BadBatchError, match="float32 or float16"):
+        engine.infer("tiny-resnet", "dense", np.zeros((1, 3, 64, 64), np.int64))
+    with pytest.raises(BadBatchError, match="max_batch_size 8"):
+        engine.infer("tiny-resnet", "dense", np.zeros((9, 3, 64, 64), np.float32))
+    assert engine.infer("tiny-resnet", "dense", np.zeros((0, 3, 64, 64), np.float32)).shape == (
+        0,
+        1000,
+    )
+
+
+def test_concurrent_callers_get_their_own_results(engine) -> None:
+    rng = np.random.default_rng(1)
+    batches = [rng.standard_normal((2, 3, 64, 64)).astype(np.float32) for _ in range(4)]
+    want = [engine.infer("tiny-resnet", "sparse", b) for b in batches]
+    got: dict[int, np.ndarray] = {}
+
+    def work(i: int) -> None:
+        got[i] = engine.infer("tiny-resnet", "sparse", batches[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        np.testing.assert_allclose(got[i], want[i], atol=1e-6)
+
+
+def test_profiling_samples_one_batch_in_n(tmp_path, stand_in_plan) -> None:
+    calls: list[tuple] = []
+    engine = _engine(
+        tmp_path, ("sparse",), stand_in_plan, observer=lambda *a: calls.append(a),
+        layer_profile_every=3,
+    )  # fmt: skip
+    runner = engine.runner("tiny-resnet", "sparse")
+    layers = {name for name, _ in runner.profiler.layers}
+    batch = np.zeros((2, 3, 64, 64), np.float32)
+    for i in range(1, 7):
+        before = len(calls)
+        engine.infer("tiny-resnet", "sparse", batch)
+        sampled = calls[before:]
+        if i % 3:
+            assert sampled == []
+        else:
+            assert {c[2] for c in sampled} == layers
+            assert all(c[:2] == ("tiny-resnet", "sparse") and c[4] > 0 for c in sampled)
+    ops = {c[2]: c[3] for c in calls}
+    assert ops["layer1.0.conv2"] == "conv_sparse" and ops["fc"] == "linear"
+    assert ops["maxpool"] == "pool" and ops["avgpool"] == "pool"
+    assert len(calls) == 2 * len(layers)
+
+
+def test_profiling_off_and_observer_errors_do_not_break_inference(tmp_path, stand_in_plan):
+    def broken(*args):
+        raise RuntimeError("metrics down")
+
+    engine = _engine(tmp_path, ("dense",), stand_in_plan, observer=broken, layer_profile_every=1)
+    out = engine.infer("tiny-resnet", "dense", np.zeros((1, 3, 64, 64), np.float32))
+    assert out.shape == (1, 1000)
+    off = _engine(tmp_path, ("dense",), observer=broken, layer_profile_every=0)
+    off.infer("tiny-resnet", "dense", np.zeros((1, 3, 64, 64), np.float32))
+
+
+def test_label_count_must_match_outputs(tmp_path) -> None:
+    source = _source()
+    source.labels = ("cat", "dog")
+    spec = EngineSpec(models=("tiny-resnet",), backends=("dense",), device="cpu")
+    with pytest.raises(ValueError, match="outputs 1000 classes but its manifest lists 2"):
+        TorchEngine(spec, [source], progress=False)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("backends", ("fast",), "unknown backend 'fast'"),
+        ("precision", "int8", "unknown precision"),
+        ("device", "tpu", "device"),
+        ("max_batch_size", 0, "max_batch_size"),
+    ],
+)
+def test_bad_specs_are_refused(field, value, message) -> None:
+    kw = {"models": ("x",), "backends": ("dense",), "device": "cpu", field: value}
+    with pytest.raises(ValueError, match=message):
+        TorchEngine(EngineSpec(**kw), [_source("x")], progress=False)
+
+
+def test_unknown_model_name_lists_the_manifests(tmp_path) -> None:
+    (tmp_path / "resnet50-uniform90.yaml").write_text("name: resnet50-uniform90\n")
+    (tmp_path / "efficientnet-lite0.yaml").write_text("name: efficientnet-lite0\n")
+    spec = EngineSpec(
+        models=("resnet-50",), backends=("dense",), device="cpu", models_dir=str(tmp_path)
+    )
+    listed = available_models(tmp_path)
+    with pytest.raises(UnknownModelError) as info:
+        load_engine(spec, progress=False)
+    assert "resnet-50" in str(info.value)
+    for name in listed:
+        assert name in str(info.value)
+    assert isinstance(info.value, LookupError)

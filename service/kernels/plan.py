@@ -1,0 +1,329 @@
+"""SparseConvPlan: a pruned conv layer prepared once and run many times.
+
+The engine builds one plan per layer, calls `prepare(input_hw)` for each input size it will see
+(before any CUDA-graph capture), and then calls the plan like a function. A call on the CUDA
+path launches one kernel on torch's current stream, with no host sync and no allocation beyond
+the output tensor (from torch's caching allocator), so it can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from service.kernels import cuda as cuda_backend
+from service.kernels.reference import check_activation, conv2d_reference
+from service.kernels.stretched_csr import (
+    ConvGeometry,
+    SparseWeight,
+    StretchedCSR,
+    make_geometry,
+    stretch,
+)
+from service.kernels.tiling import EscortMeta, TileConfig, build_meta, candidate_configs
+from service.kernels.tiling import default_config as _default_config
+
+IMPLS = ("auto", "cuda", "reference")
+# Batch sizes whose kernel configs prepare() builds ahead of any capture.
+PREPARED_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass
+class _Geometry:
+    """What a plan keeps per input size."""
+
+    geometry: ConvGeometry
+    csr: StretchedCSR
+    csr_on: dict[str, StretchedCSR] = field(default_factory=dict)
+    metas: dict[TileConfig, EscortMeta] = field(default_factory=dict)
+    by_batch: dict[int, TileConfig] = field(default_factory=dict)
+    launches: dict[tuple[int, str | None, TileConfig], Any] = field(default_factory=dict)
+
+
+class SparseConvPlan:
+    """A pruned Conv2d in stretched-CSR form, runnable by the CUDA kernel or the reference.
+
+    `plan(x, residual, activation)` equals `activation(conv2d(x, weight, bias, ...) + residual)`
+    with activation None, "relu" or "relu6". `padding` takes what F.conv2d takes, plus a 4-tuple
+    (left, right, top, bottom) for TF "SAME" padding."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+    ) -> None:
+        if weight.dim() != 4:
+            raise ValueError(f"conv weight must be (K, C/groups, R, S), got {tuple(weight.shape)}")
+        if weight.shape[0] % groups:
+            raise ValueError(f"out_channels {weight.shape[0]} not divisible by groups {groups}")
+        self.weight_shape = tuple(int(v) for v in weight.shape)
+        self._args = (stride, padding, dilation, int(groups))
+        # Validates the arguments once, on a size every kernel fits.
+        self._probe = make_geometry(self.weight_shape, (64, 64), stride, padding, dilation, groups)
+        self._sparse = SparseWeight.from_dense(weight)
+        self.device = weight.device
+        self._bias_cpu = None if bias is None else bias.detach().to("cpu", torch.float32).clone()
+        if self._bias_cpu is not None and self._bias_cpu.shape != (self.out_channels,):
+            raise ValueError(f"bias must be [{self.out_channels}], got {tuple(bias.shape)}")
+        self._bias = self._bias_cpu
+        self._geometries: dict[tuple[int, int], _Geometry] = {}
+        self._tuned: dict[tuple[int, int, int], TileConfig] = {}
+        # (input_hw, batch, activation) -> ready launch: the hot path is one dict lookup.
+        self._fast: dict[tuple[tuple[int, int], int, str | None], Any] = {}
+        self.dtypes = (torch.float32,)
+        self.to(self.device)
+
+    # Facts about the layer -------------------------------------------------------------------
+    @property
+    def nnz(self) -> int:
+        return self._sparse.nnz
+
+    @property
+    def sparsity(self) -> float:
+        """The fraction of weights that are zero."""
+        return 1.0 - self._sparse.nnz / max(1, self._sparse.numel)
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight_shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight_shape[1] * self.groups
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return (self.weight_shape[2], self.weight_shape[3])
+
+    @property
+    def groups(self) -> int:
+        return self._args[3]
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        return self._probe.stride
+
+    @property
+    def dilation(self) -> tuple[int, int]:
+        return self._probe.dilation
+
+    @property
+    def padding(self) -> tuple[int, int, int, int]:
+        """(left, right, top, bottom)."""
+        return self._probe.padding
+
+    def geometry(self, input_hw: tuple[int, int]) -> ConvGeometry:
+        stride, padding, dilation, groups = self._args
+        return make_geometry(self.weight_shape, input_hw, stride, padding, dilation, groups)
+
+    def stretched(self, input_hw: tuple[int, int]) -> StretchedCSR:
+        """The stretched-CSR form for one input size (CPU tensors)."""
+        return self._prepare_geometry(tuple(input_hw)).csr
+
+    # Preparation --------------------------------------------------------------------------------
+    def to(self, device: torch.device | str) -> SparseConvPlan:
+        """Moves the prepared arrays to `device` and returns the plan itself."""
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self._bias = None if self._bias_cpu is None else self._bias_cpu.to(self.device)
+        prepared = list(self._geometries)
+        self._geometries.clear()
+        self._fast.clear()
+        for hw in prepared:
+            self.prepare(hw)
+        return self
+
+    def prepare(
+        self, input_hw: tuple[int, int], batch_sizes: Iterable[int] | None = None
+    ) -> SparseConvPlan:
+        """Builds and caches the stretched form (and, on CUDA, the kernel's metadata for the
+        configs chosen for `batch_sizes`) for one input size. Call it before graph capture."""
+        entry = self._prepare_geometry((int(input_hw[0]), int(input_hw[1])))
+        self._fast.clear()
+        if self._uses_cuda_kernel():
+            cuda_backend.get_kernel(self.device.index, cuda_backend.PORT_NAME)  # compile now
+            for n in batch_sizes or PREPARED_BATCHES:
+                config = _default_config(entry.geometry, int(n))
+                self._meta(entry, config)
+                entry.by_batch[int(n)] = config
+        return self
+
+    def tune(
+        self, input_hw: tuple[int, int], batch: int, reps: int = 15
+    ) -> dict[TileConfig, float]:
+        """Times every candidate config at this size (CUDA events, median of `reps`), keeps the
+        fastest for (input_hw, batch) and returns the times in ms. Syncs: never inside capture."""
+        self._require_cuda_kernel()
+        hw = (int(input_hw[0]), int(input_hw[1]))
+        entry = self._prepare_geometry(hw)
+        g = entry.geometry
+        x = torch.randn(batch, g.in_channels, *hw, device=self.device)
+        out = torch.empty(batch, g.out_channels, *g.output_hw, device=self.device)
+        times: dict[TileConfig, float] = {}
+        for config in candidate_configs(g, batch):
+            launch = self._launch(entry, batch, None, config)
+            for _ in range(3):
+                cuda_backend.run_launch(launch, x, out, None)
+            samples = []
+            for _ in range(reps):
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                cuda_backend.run_launch(launch, x, out, None)
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end))
+            times[config] = sorted(samples)[len(samples) // 2]
+        best = min(times, key=times.__getitem__)
+        self._tuned[(hw[0], hw[1], batch)] = best
+        self._fast.clear()
+        return times
+
+    def config_for(self, input_hw: tuple[int, int], batch: int) -> TileConfig:
+        """The kernel config a call with this input size and batch uses."""
+        hw = (int(input_hw[0]), int(input_hw[1]))
+        tuned = self._tuned.get((hw[0], hw[1], batch))
+        if tuned is not None:
+            return tuned
+        entry = self._geometries.get(hw)
+        if entry is not None and batch in entry.by_batch:
+            return entry.by_batch[batch]
+        config = _default_config(self.geometry(hw), batch)
+        if entry is None or config in entry.metas or not _capturing():
+            return config
+        # Inside a capture no metadata can be uploaded: use the nearest prepared batch's.
+        below = [n for n in entry.by_batch if n <= batch]
+        return entry.by_batch[max(below) if below else min(entry.by_batch)]
+
+    # Running ------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        activation: str | None = None,
+        impl: str = "auto",
+    ) -> torch.Tensor:
+        check_activation(activation)
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected input [N, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        use_cuda = impl == "cuda" or (
+            impl == "auto"
+            and x.is_cuda
+            and x.device == self.device
+            and cuda_backend.cuda_available()
+        )
+        dtype = x.dtype
+        if use_cuda:
+            y = self._run_cuda(x, residual, activation)
+        else:
+            hw = (int(x.shape[2]), int(x.shape[3]))
+            entry = self._geometries.get(hw) or self._prepare_geometry(hw)
+            y = conv2d_reference(x, self._csr_on(entry, x.device), self._bias, residual, activation)
+        return y if y.dtype == dtype else y.to(dtype)
+
+    def _run_cuda(
+        self, x: torch.Tensor, residual: torch.Tensor | None, activation: str | None
+    ) -> torch.Tensor:
+        cuda_backend.require_cuda()
+        if not x.is_cuda or x.device != self.device:
+            raise ValueError(
+                f"impl='cuda' needs the input on the plan's device {self.device}, got {x.device}"
+            )
+        n, hw = int(x.shape[0]), (int(x.shape[2]), int(x.shape[3]))
+        launch = self._fast.get((hw, n, activation))
+        if launch is None:
+            launch = self._slow_launch(hw, n, activation)
+        x = x.float().contiguous()
+        out = torch.empty(launch.out_shape, device=x.device, dtype=torch.float32)
+        if residual is not None:
+            if tuple(residual.shape) != launch.out_shape:
+                raise ValueError(
+                    f"residual must be {launch.out_shape}, got {tuple(residual.shape)}"
+                )
+            residual = residual.to(device=x.device, dtype=torch.float32).contiguous()
+        return cuda_backend.run_launch(launch, x, out, residual)
+
+    def _slow_launch(self, hw: tuple[int, int], n: int, activation: str | None) -> Any:
+        entry = self._geometries.get(hw)
+        if entry is None:
+            if _capturing():
+                raise RuntimeError(f"call plan.prepare({hw}) before capturing a CUDA graph")
+            self.prepare(hw, batch_sizes=(n,))
+            entry = self._geometries[hw]
+        launch = self._launch(entry, n, activation, self.config_for(hw, n))
+        self._fast[(hw, n, activation)] = launch
+        return launch
+
+    # Internals ----------------------------------------------------------------------------------
+    def _uses_cuda_kernel(self) -> bool:
+        return self.device.type == "cuda" and cuda_backend.cuda_available()
+
+    def _require_cuda_kernel(self) -> None:
+        cuda_backend.require_cuda()
+        if self.device.type != "cuda":
+            raise ValueError(f"the plan is on {self.device}; call plan.to('cuda') first")
+
+    def _prepare_geometry(self, hw: tuple[int, int]) -> _Geometry:
+        entry = self._geometries.get(hw)
+        if entry is None:
+            geometry = self.geometry(hw)
+            entry = _Geometry(geometry=geometry, csr=stretch(self._sparse, geometry))
+            self._geometries[hw] = entry
+        return entry
+
+    def _csr_on(self, entry: _Geometry, device: torch.device) -> StretchedCSR:
+        if device.type == "cpu":
+            return entry.csr
+        key = str(device)
+        csr = entry.csr_on.get(key)
+        if csr is None:
+            c = entry.csr
+            csr = StretchedCSR(
+                geometry=c.geometry,
+                rowptr=c.rowptr.to(device),
+                colidx=c.colidx.to(device),
+                values=c.values.to(device),
+                rows=c.rows.to(device),
+            )
+            entry.csr_on[key] = csr
+        return csr
+
+    def _meta(self, entry: _Geometry, config: TileConfig) -> EscortMeta:
+        meta = entry.metas.get(config)
+        if meta is None:
+            if _capturing():
+                raise RuntimeError("kernel metadata must be built before graph capture")
+            meta = build_meta(self._sparse, entry.geometry, config).to(self.device)
+            entry.metas[config] = meta
+        return meta
+
+    def _launch(
+        self, entry: _Geometry, batch: int, activation: str | None, config: TileConfig
+    ) -> Any:
+        key = (batch, activation, config)
+        launch = entry.launches.get(key)
+        if launch is None:
+            launch = cuda_backend.prepare_launch(
+                entry.geometry,
+                self._meta(entry, config),
+                self._bias,
+                batch,
+                activation,
+                self.device.index,
+            )
+            entry.launches[key] = launch
+        return launch
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

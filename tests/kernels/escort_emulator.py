@@ -1,0 +1,108 @@
+"""A numpy model of escort_conv's indexing, block by block, for CPU tests.
+
+It reads the same metadata and parameter struct as the CUDA kernel and mirrors its steps: the
+tile decode, the staging loop (with the kernel's magic-number division), the per-lane pixel bases,
+the per-chunk segments and the epilogue. Arithmetic is vectorized, so only the indexing is
+modelled exactly. Shared-memory reads outside the staged chunk raise instead of reading garbage.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from service.kernels.tiling import EscortMeta
+
+
+def fast_div(x: np.ndarray, mul: int, shr: int) -> np.ndarray:
+    x = x.astype(np.uint64)
+    if mul == 0:
+        return x
+    return ((x * np.uint64(mul)) >> np.uint64(32)) >> np.uint64(shr)
+
+
+def emulate(
+    x: torch.Tensor,
+    meta: EscortMeta,
+    p: dict[str, int],
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    cfg = meta.config
+    xs = x.double().numpy()
+    entries = meta.meta.numpy()
+    values = entries[:, 0].copy().view(np.float32).astype(np.float64)
+    offsets = entries[:, 1].astype(np.int64)
+    segptr = meta.segptr.numpy().reshape(-1)
+    perm = meta.perm.numpy()
+    blocks = meta.blocks.numpy()
+    n_img, c_in, h, w = xs.shape
+    k_out, oh_n, ow_n = p["K"], p["OH"], p["OW"]
+    out = np.full((n_img, k_out, oh_n, ow_n), np.nan)
+    tiles_n = -(-n_img // p["NB"])
+    lanes = np.arange(32)
+    tile_pixels = p["TH"] * p["TW"]
+    image_floats = p["CC"] * p["TIH"] * p["TIW"]
+    rows_per_block = cfg.warps * cfg.rows_per_warp
+
+    # Pixel j = lane + 32 * i of every lane: shape [P, 32].
+    jpx = lanes[None, :] + 32 * np.arange(cfg.pixels_per_lane)[:, None]
+    nb = jpx // tile_pixels
+    rem = jpx - nb * tile_pixels
+    th, tw = rem // p["TW"], rem % p["TW"]
+    sbase = np.where(nb < p["NB"], nb * image_floats + th * p["sh"] * p["TIW"] + tw * p["sw"], 0)
+
+    e = np.arange(p["chunk_floats"], dtype=np.int64)
+    q1 = fast_div(e, p["tiw_mul"], p["tiw_shr"]).astype(np.int64)
+    iw = e - q1 * p["TIW"]
+    q2 = fast_div(q1, p["tih_mul"], p["tih_shr"]).astype(np.int64)
+    ih = q1 - q2 * p["TIH"]
+    s_nb = fast_div(q2, p["cc_mul"], p["cc_shr"]).astype(np.int64)
+    s_cl = q2 - s_nb * p["CC"]
+
+    for bx in range(tiles_n * p["tiles_h"] * p["tiles_w"]):
+        tile_w = bx % p["tiles_w"]
+        tile_h = (bx // p["tiles_w"]) % p["tiles_h"]
+        tile_n = bx // (p["tiles_w"] * p["tiles_h"])
+        n0, oh0, ow0 = tile_n * p["NB"], tile_h * p["TH"], tile_w * p["TW"]
+        ih0, iw0 = oh0 * p["sh"] - p["pt"], ow0 * p["sw"] - p["pl"]
+        for by in range(len(blocks)):
+            c_first, c_count = (int(v) for v in blocks[by])
+            nchunks = -(-c_count // p["CC"])
+            acc = np.zeros((rows_per_block, cfg.pixels_per_lane, 32))
+            for j in range(nchunks):
+                c0 = c_first + j * p["CC"]
+                cn = min(p["CC"], c_count - j * p["CC"])
+                n, gh, gw = n0 + s_nb, ih0 + ih, iw0 + iw
+                ok = (s_cl < cn) & (n < n_img) & (gh >= 0) & (gh < h) & (gw >= 0) & (gw < w)
+                buf = np.zeros(p["chunk_floats"])
+                buf[ok] = xs[n[ok], c0 + s_cl[ok], gh[ok], gw[ok]]
+                for r in range(rows_per_block):
+                    row = by * rows_per_block + r
+                    if row >= k_out:
+                        continue
+                    beg, end = segptr[row * p["seg_stride"] + j : row * p["seg_stride"] + j + 2]
+                    if end <= beg:
+                        continue
+                    idx = sbase[None] + offsets[beg:end, None, None]
+                    if idx.min() < 0 or idx.max() >= p["chunk_floats"]:
+                        raise IndexError(f"shared read outside the chunk (block {bx},{by})")
+                    acc[r] += (values[beg:end, None, None] * buf[idx]).sum(0)
+            for r in range(rows_per_block):
+                row = by * rows_per_block + r
+                if row >= k_out:
+                    continue
+                k = perm[row]
+                n, oh, ow = n0 + nb, oh0 + th, ow0 + tw
+                valid = (nb < p["NB"]) & (n < n_img) & (oh < oh_n) & (ow < ow_n)
+                if np.isfinite(out[n[valid], k, oh[valid], ow[valid]]).any():
+                    raise AssertionError(f"output written twice (block {bx},{by})")
+                val = acc[r][valid] + (0.0 if bias is None else float(bias[k]))
+                if residual is not None:
+                    val = val + residual.double().numpy()[n[valid], k, oh[valid], ow[valid]]
+                if p["act"] == 1:
+                    val = np.maximum(val, 0.0)
+                elif p["act"] == 2:
+                    val = np.clip(val, 0.0, 6.0)
+                out[n[valid], k, oh[valid], ow[valid]] = val
+    return torch.from_numpy(out)

@@ -239,6 +239,8 @@ def _default_text(name: str) -> str:
 
 def _type_text(name: str) -> str:
     annotation = Settings.model_fields[name].annotation
+    if name == "device":
+        return "auto|cpu|cuda|cuda:N"
     text = {int: "int", float: "float", str: "str", bool: "bool"}.get(annotation)  # type: ignore[call-overload]
     if text:
         return text

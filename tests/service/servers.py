@@ -1,0 +1,171 @@
+"""Ways to run the service under test: in-process TestClient, uvicorn in a thread (real HTTP,
+with the test holding the fake engine), and a separate process (signals, the real engine)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import uvicorn
+from fastapi.testclient import TestClient
+
+from service.app import DrainingServer, create_app
+from service.config import Settings
+from service.engine.protocol import Engine
+from tests.service.fakes import FAKE_MODEL
+
+REPO = Path(__file__).resolve().parents[2]
+HTTP_TIMEOUT_S = 30.0
+
+
+def make_settings(**overrides) -> Settings:
+    values = {
+        "models": (FAKE_MODEL,),
+        "backend": "sparse",
+        "backends": ("sparse", "dense"),
+        "preprocess_workers": 2,
+        "max_batch_delay_ms": 5.0,
+        "drain_timeout_s": 10.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def wait_ready(get, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = get("/v2/health/ready")
+            if last.status_code == 200:
+                return
+        except httpx.TransportError as exc:
+            last = exc
+        time.sleep(0.05)
+    raise AssertionError(f"server not ready after {timeout_s} s: {last!r}")
+
+
+@contextlib.contextmanager
+def app_client(engine: Engine, **overrides) -> Iterator[TestClient]:
+    """In-process client; the app is ready when this yields."""
+    app = create_app(make_settings(**overrides), engine=engine)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        wait_ready(client.get)
+        yield client
+
+
+def bound_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def free_port() -> int:
+    with contextlib.closing(bound_socket()) as sock:
+        return sock.getsockname()[1]
+
+
+class ThreadServer:
+    """The real app under uvicorn in a background thread of the test process."""
+
+    def __init__(self, engine: Engine, **overrides) -> None:
+        self.settings = make_settings(**overrides)
+        self.app = create_app(self.settings, engine=engine)
+        self.sock = bound_socket()
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="on")
+        self.server = DrainingServer(config, self.app)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]})
+
+    def __enter__(self) -> ThreadServer:
+        self.thread.start()
+        with httpx.Client(base_url=self.url, timeout=5) as client:
+            wait_ready(client.get)
+        return self
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=HTTP_TIMEOUT_S, **kwargs)
+
+    @property
+    def state(self):
+        return self.app.state.service
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+class ProcessServer:
+    """`python -m <module>` with ESCORT_* settings in its environment, on a free port."""
+
+    def __init__(self, module: str, env: dict[str, str], ready_timeout_s: float = 120.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "ESCORT_HOST": "127.0.0.1",
+            "ESCORT_PORT": str(self.port),
+            "PYTHONPATH": str(REPO),
+            **env,
+        }
+        self.module = module
+        self.ready_timeout_s = ready_timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> ProcessServer:
+        # A file, not a pipe: a chatty server must never block on a full pipe.
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", self.module],
+            cwd=REPO,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            with httpx.Client(base_url=self.url, timeout=5) as client:
+                deadline = time.monotonic() + self.ready_timeout_s
+                while time.monotonic() < deadline:
+                    if self.proc.poll() is not None:
+                        raise AssertionError(f"server exited early:\n{self.output()}")
+                    with contextlib.suppress(httpx.TransportError):
+                        if client.get("/v2/health/ready").status_code == 200:
+                            return self
+                    time.sleep(0.1)
+            raise AssertionError(f"server not ready in {self.ready_timeout_s} s")
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=HTTP_TIMEOUT_S, **kwargs)
+
+    def terminate(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout_s: float = 60.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout_s)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self.log.close()

@@ -139,8 +139,10 @@ class _Progress:
     def __init__(self, total: int, enabled: bool) -> None:
         self.bar = None
         if enabled:
-            from tqdm import tqdm
-
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
             self.bar = tqdm(total=total, desc="loading models", unit="step", leave=False)
 
     def step(self, text: str) -> None:

@@ -76,6 +76,7 @@ class Runner:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._graph_out: dict[int, torch.Tensor] = {}
         self._static_in: dict[int, torch.Tensor] = {}
+        self.eager_buckets: set[int] = set()
         if self.cuda:
             self.stream = torch.cuda.Stream(self.device)
             top = self.buckets[-1]
@@ -124,17 +125,34 @@ class Runner:
                         out = self.forward(x)
                     self.stream.synchronize()
                     if self.use_graphs:
-                        graph = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(
-                            graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"
-                        ):
-                            out = self.forward(x)
-                        self._graphs[b], self._graph_out[b] = graph, out
+                        out = self._capture(b, x, pool)
                 self.num_classes = int(out.shape[1])
             self.stream.synchronize()
             top = self.buckets[-1]
             self._host_out = torch.zeros((top, self.num_classes)).pin_memory()
             self.warmed = True
+
+    def _capture(self, b: int, x: torch.Tensor, pool) -> torch.Tensor:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(
+                graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"
+            ):
+                out = self.forward(x)
+        except RuntimeError as exc:
+            # Some library calls cannot be captured (they sync or allocate on the host);
+            # that bucket then runs eagerly, which is slower but still correct.
+            log.warning("%s/%s: bucket %d runs eagerly, capture failed: %s",
+                        self.model_name, self.backend, b, exc)  # fmt: skip
+            torch.cuda.synchronize(self.device)
+            self.eager_buckets.add(b)
+            return self.forward(x)
+        self._graphs[b], self._graph_out[b] = graph, out
+        return out
+
+    @property
+    def graph_buckets(self) -> tuple[int, ...]:
+        return tuple(sorted(self._graphs))
 
     def close(self) -> None:
         with self._lock:
@@ -211,7 +229,7 @@ class Runner:
         x = self._static_in[b]
         if profile:
             return self.profiler.run(lambda: self.forward(x))
-        if self.use_graphs:
+        if b in self._graphs:
             self._graphs[b].replay()
             return self._graph_out[b], []
         return self.forward(x), []

@@ -1,0 +1,199 @@
+"""The batcher on its own: batches form, deadlines and cancellations drop work before it
+runs, a full queue refuses, and a failed batch fails each of its requests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batching import BatchQueue
+from service.errors import (
+    DeadlineExceededError,
+    EngineFailureError,
+    QueueFullError,
+    ShuttingDownError,
+)
+from service.metrics import ServiceMetrics
+from tests.service.fakes import FAKE_MODEL, FakeEngine, marked_tensor
+
+
+def make_queue(engine: FakeEngine, **overrides) -> tuple[BatchQueue, ServiceMetrics]:
+    metrics = ServiceMetrics(max_batch_size=overrides.get("max_batch_size", 8))
+    options = {"max_batch_size": 8, "max_batch_delay_ms": 20.0, "max_queue_size": 64}
+    options.update(overrides)
+    queue = BatchQueue(FAKE_MODEL, "sparse", engine.infer, metrics, **options)
+    return queue, metrics
+
+
+def sample(metrics: ServiceMetrics, name: str, labels: dict[str, str]) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def later(seconds: float) -> float:
+    return time.monotonic() + seconds
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_rows() -> None:
+    engine = FakeEngine()
+
+    async def scenario() -> None:
+        queue, metrics = make_queue(engine)
+        queue.start()
+        tensors = [marked_tensor(i / 10, rows=1 + i % 2) for i in range(12)]
+        results = await asyncio.gather(*(queue.submit(t, later(5)) for t in tensors))
+        for tensor, result in zip(tensors, results, strict=True):
+            np.testing.assert_allclose(result, engine.reference(tensor), rtol=1e-6)
+        sizes = [size for _, _, size in engine.calls]
+        assert sum(sizes) == sum(len(t) for t in tensors) == 18
+        assert max(sizes) == 8 and len(sizes) <= 4  # they really were batched
+        labels = {"model": FAKE_MODEL, "backend": "sparse"}
+        assert sample(metrics, "escort_batch_size_count", labels) == len(sizes)
+        assert sample(metrics, "escort_batch_size_sum", labels) == 18
+        assert sample(metrics, "escort_queue_depth", {"model": FAKE_MODEL}) == 0
+        await queue.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_lone_request_waits_at_most_the_delay() -> None:
+    engine = FakeEngine()
+
+    async def scenario() -> None:
+        queue, _ = make_queue(engine, max_batch_delay_ms=50.0)
+        queue.start()
+        start = time.monotonic()
+        await queue.submit(marked_tensor(1.0), later(5))
+        elapsed = time.monotonic() - start
+        assert 0.04 <= elapsed < 1.0
+        await queue.close()
+
+    asyncio.run(scenario())
+
+
+def test_queue_full_refuses_whole_requests() -> None:
+    engine = FakeEngine(gate=threading.Event())
+
+    async def scenario() -> None:
+        queue, metrics = make_queue(engine, max_batch_size=2, max_queue_size=4)
+        queue.start()
+        first = asyncio.ensure_future(queue.submit(marked_tensor(0.0, rows=2), later(10)))
+        while not engine.started.is_set():  # the engine holds the first batch
+            await asyncio.sleep(0.01)
+        waiting = asyncio.ensure_future(queue.submit(marked_tensor(1.0, rows=3), later(10)))
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFullError) as err:
+            await queue.submit(marked_tensor(2.0, rows=2), later(10))
+        assert err.value.status_code == 503 and err.value.headers["Retry-After"] == "1"
+        assert sample(metrics, "escort_rejected_total", {"model": FAKE_MODEL, "reason": "queue_full"}) == 1
+        assert queue.depth == 3
+        engine.gate.set()
+        assert len(await first) == 2 and len(await waiting) == 3
+        await queue.close()
+
+    asyncio.run(scenario())
+
+
+def test_expired_requests_are_never_computed() -> None:
+    engine = FakeEngine(gate=threading.Event())
+
+    async def scenario() -> None:
+        queue, metrics = make_queue(engine, max_batch_size=1)
+        queue.start()
+        blocker = asyncio.ensure_future(queue.submit(marked_tensor(0.0), later(10)))
+        while not engine.started.is_set():
+            await asyncio.sleep(0.01)
+        with pytest.raises(DeadlineExceededError):
+            await queue.submit(marked_tensor(7.0), later(0.1))
+        engine.gate.set()
+        await blocker
+        await queue.submit(marked_tensor(8.0), later(5))
+        assert 7.0 not in engine.rows_seen and 8.0 in engine.rows_seen
+        assert sample(metrics, "escort_rejected_total", {"model": FAKE_MODEL, "reason": "deadline"}) == 1
+        await queue.close()
+
+    asyncio.run(scenario())
+
+
+def test_cancelled_requests_are_dropped_before_batching() -> None:
+    engine = FakeEngine(gate=threading.Event())
+
+    async def scenario() -> None:
+        queue, metrics = make_queue(engine, max_batch_size=4)
+        queue.start()
+        blocker = asyncio.ensure_future(queue.submit(marked_tensor(0.0), later(10)))
+        while not engine.started.is_set():
+            await asyncio.sleep(0.01)
+        gone = asyncio.ensure_future(queue.submit(marked_tensor(5.0, rows=2), later(10)))
+        kept = asyncio.ensure_future(queue.submit(marked_tensor(6.0), later(10)))
+        await asyncio.sleep(0.05)
+        gone.cancel()  # what a client disconnect does to its handler
+        await asyncio.sleep(0.01)
+        engine.gate.set()
+        await blocker
+        await kept
+        assert 5.0 not in engine.rows_seen and 6.0 in engine.rows_seen
+        labels = {"model": FAKE_MODEL, "reason": "client_disconnected"}
+        assert sample(metrics, "escort_rejected_total", labels) == 1
+        await queue.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_batch_fails_each_request_and_the_queue_carries_on() -> None:
+    engine = FakeEngine(fail=True)
+
+    async def scenario() -> None:
+        queue, metrics = make_queue(engine)
+        queue.start()
+        outcomes = await asyncio.gather(
+            *(queue.submit(marked_tensor(i), later(5)) for i in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(o, EngineFailureError) for o in outcomes)
+        assert "simulated device fault" in str(outcomes[0])
+        assert sample(metrics, "escort_batch_failures_total", {"model": FAKE_MODEL, "backend": "sparse"}) >= 1
+        engine.fail = False
+        assert len(await queue.submit(marked_tensor(1.0), later(5))) == 1
+        await queue.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_wrong_number_of_results_is_an_engine_failure() -> None:
+    engine = FakeEngine(wrong_count=True)
+
+    async def scenario() -> None:
+        queue, _ = make_queue(engine)
+        queue.start()
+        with pytest.raises(EngineFailureError, match="returned 1 results for a batch of 2"):
+            await queue.submit(marked_tensor(1.0, rows=2), later(5))
+        await queue.close()
+
+    asyncio.run(scenario())
+
+
+def test_close_fails_what_is_still_queued() -> None:
+    engine = FakeEngine(gate=threading.Event())
+
+    async def scenario() -> None:
+        queue, _ = make_queue(engine, max_batch_size=1)
+        queue.start()
+        blocker = asyncio.ensure_future(queue.submit(marked_tensor(0.0), later(10)))
+        while not engine.started.is_set():
+            await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(queue.submit(marked_tensor(1.0), later(10)))
+        await asyncio.sleep(0.02)
+        assert not await queue.drain(0.05)  # still busy
+        await queue.close()
+        engine.gate.set()
+        with pytest.raises(ShuttingDownError):
+            await queued
+        blocker.cancel()
+        with pytest.raises(ShuttingDownError):
+            await queue.submit(marked_tensor(2.0), later(1))
+
+    asyncio.run(scenario())

@@ -1,0 +1,66 @@
+"""The images the load test sends: real photos in several sizes and both common formats.
+
+Real traffic mixes thumbnails with phone photos, and decode plus resize cost grows with the
+pixel count, so each photo is sent at several sizes. The variants are made once at start, in
+memory, from the photos in tests/data (or LOADTEST_IMAGES).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+DEFAULT_DIR = Path(__file__).resolve().parents[1] / "tests" / "data"
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+# Longest side of each variant: phone-photo sized (upscaled), medium, and thumbnails.
+LONG_SIDES = (1280, 640, 320, 160)
+
+
+@dataclass(frozen=True)
+class LoadImage:
+    name: str
+    data: bytes = b""
+    content_type: str = "image/jpeg"
+    width: int = 0
+    height: int = 0
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    if fmt == "PNG":
+        image.save(buffer, format="PNG", optimize=False)
+    else:
+        image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_variants(
+    folder: str | Path = "", long_sides: tuple[int, ...] = LONG_SIDES
+) -> list[LoadImage]:
+    """Every photo of `folder` at every long side, JPEG for photos saved as JPEG and PNG for PNG."""
+    root = Path(folder) if folder else DEFAULT_DIR
+    paths = sorted(p for p in root.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
+    if not paths:
+        raise FileNotFoundError(f"no .jpg or .png photos in {root} (set LOADTEST_IMAGES)")
+    variants = []
+    for path in paths:
+        with Image.open(path) as opened:
+            photo = opened.convert("RGB")
+        fmt = "PNG" if path.suffix.lower() == ".png" else "JPEG"
+        for side in long_sides:
+            scale = side / max(photo.size)
+            size = (max(1, round(photo.width * scale)), max(1, round(photo.height * scale)))
+            resized = photo.resize(size, Image.BICUBIC)
+            variants.append(
+                LoadImage(
+                    name=f"{path.stem}-{size[0]}x{size[1]}.{fmt.lower().replace('jpeg', 'jpg')}",
+                    data=_encode(resized, fmt),
+                    content_type=f"image/{fmt.lower()}",
+                    width=size[0],
+                    height=size[1],
+                )
+            )
+    return variants

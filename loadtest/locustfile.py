@@ -1,0 +1,307 @@
+"""Locust users for Escort Serve: one speaks v1 multipart, the other KServe V2 binary tensors.
+
+Both send real photos at several sizes, pick a backend for each request (or the one the
+compare mode fixes), and check the answer's shape, so a 200 with a wrong body counts as an
+error. `python -m loadtest.run` drives them headless and writes the report; the file also works
+with Locust's own CLI or web UI:
+
+    LOADTEST_MODEL=efficientnet-lite0 locust -f loadtest/locustfile.py --host http://127.0.0.1:8000
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import gevent
+from locust import FastHttpUser, constant, events, task
+
+from loadtest.config import LoadtestConfig, check_loopback, load_config
+from loadtest.images import LoadImage, make_variants
+
+V1 = "v1"
+V2 = "v2"
+TOP_K = 5
+
+
+@dataclass
+class Sample:
+    """One finished request, as the report needs it."""
+
+    step: int
+    end_s: float  # time.monotonic() when the answer was read
+    latency_ms: float
+    status: int  # HTTP status; 0 when no answer came (refused, reset, timeout)
+    ok: bool
+    protocol: str
+    backend: str
+    images: int
+
+
+@dataclass
+class LoadPlan:
+    """What every user reads before each request; the runner changes it between steps."""
+
+    config: LoadtestConfig
+    model: str
+    backends: list[str]
+    images: list[LoadImage]
+    card: dict[str, Any] = field(default_factory=dict)
+    fixed_backend: str | None = None
+    step: int = -1  # samples are recorded only while step >= 0
+    budget: int = 0  # requests left in this step; users idle at zero
+    inflight: int = 0
+    samples: list[Sample] = field(default_factory=list)
+    _next_target: int = 0
+
+    def take_request(self) -> bool:
+        if self.budget <= 0:
+            return False
+        self.budget -= 1  # gevent switches only on I/O, so no lock is needed
+        self.inflight += 1
+        return True
+
+    def backend_for(self, rng: random.Random) -> str | None:
+        if self.fixed_backend:
+            return self.fixed_backend
+        return rng.choice(self.backends) if self.backends else None
+
+    def target(self) -> str:
+        """Round-robin over LOADTEST_URL entries, as a load balancer in front of replicas would."""
+        urls = self.config.urls
+        self._next_target = (self._next_target + 1) % len(urls)
+        return urls[self._next_target]
+
+
+PLAN: LoadPlan | None = None
+
+
+def get_json(url: str, timeout_s: float, api_key: str = "") -> Any:
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - loopback only
+        return json.loads(response.read())
+
+
+def discover(config: LoadtestConfig) -> tuple[str, list[str], dict[str, Any]]:
+    """The model to drive, the backends to use, and the model's card from /v1/models."""
+    listing = get_json(config.urls[0] + "/v1/models", config.timeout_s, config.api_key)
+    cards = {card["name"]: card for card in listing.get("models", [])}
+    if not cards:
+        raise RuntimeError(f"{config.urls[0]}/v1/models lists no models")
+    model = config.model or next(iter(cards))
+    if model not in cards:
+        raise RuntimeError(f"LOADTEST_MODEL={model!r} is not served; the server has {list(cards)}")
+    card = cards[model]
+    loaded = [str(b) for b in card.get("backends") or []]
+    if config.backends:
+        missing = [b for b in config.backends if loaded and b not in loaded]
+        if missing:
+            raise RuntimeError(
+                f"LOADTEST_BACKENDS asks for {missing}, but {model} has only {loaded} loaded "
+                "(the server's ESCORT_BACKENDS)"
+            )
+        backends = list(config.backends)
+    else:
+        backends = loaded
+    return model, backends, card
+
+
+def build_plan(config: LoadtestConfig) -> LoadPlan:
+    model, backends, card = discover(config)
+    return LoadPlan(config, model, backends, make_variants(config.images_dir), card=card)
+
+
+def multipart_body(images: list[LoadImage]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for image in images:
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
+            f'filename="{image.name}"\r\nContent-Type: {image.content_type}\r\n\r\n'
+        )
+        parts.append(head.encode() + image.data + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def v2_binary_body(images: list[LoadImage], backend: str | None) -> tuple[bytes, int]:
+    """A V2 request with the images as one BYTES tensor in the binary extension; returns the
+    body and the length of its JSON header."""
+    raw = b"".join(struct.pack("<I", len(image.data)) + image.data for image in images)
+    header: dict[str, Any] = {
+        "inputs": [
+            {
+                "name": "image",
+                "shape": [len(images)],
+                "datatype": "BYTES",
+                "parameters": {"binary_data_size": len(raw)},
+            }
+        ],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+    }
+    if backend:
+        header["parameters"] = {"backend": backend}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return head + raw, len(head)
+
+
+@events.request.add_listener
+def _record(request_type, name, response_time, response_length, response=None, context=None,
+            exception=None, **kwargs) -> None:  # fmt: skip
+    plan = PLAN
+    if plan is None or not context or "protocol" not in context:
+        return
+    plan.inflight = max(0, plan.inflight - 1)
+    if plan.step < 0:
+        return
+    status = int(getattr(response, "status_code", 0) or 0)
+    plan.samples.append(
+        Sample(
+            step=plan.step,
+            end_s=time.monotonic(),
+            latency_ms=float(response_time or 0.0),
+            status=status,
+            ok=exception is None,
+            protocol=context["protocol"],
+            backend=context["backend"],
+            images=context["images"],
+        )
+    )
+
+
+@events.test_start.add_listener
+def _plan_for_locust_cli(environment, **kwargs) -> None:
+    """Under Locust's own CLI or web UI, build the plan from LOADTEST_* and --host."""
+    global PLAN
+    if PLAN is not None:
+        return
+    config = load_config()
+    if environment.host:
+        config = LoadtestConfig(
+            **{**config.__dict__, "urls": (check_loopback(environment.host, "--host"),)}
+        )
+    PLAN = build_plan(config)
+    PLAN.step, PLAN.budget = 0, config.max_requests
+
+
+class EscortUser(FastHttpUser):
+    """Shared by both protocols: a closed loop (no think time) over random images."""
+
+    abstract = True
+    wait_time = constant(0)
+    protocol = ""
+    _spawned = 0
+
+    def __init__(self, environment) -> None:
+        config = PLAN.config if PLAN else LoadtestConfig()
+        self.network_timeout = self.connection_timeout = config.timeout_s
+        super().__init__(environment)
+        # Each user its own stream of choices, the same streams on every run with one seed.
+        EscortUser._spawned += 1
+        self.rng = random.Random(config.seed * 1_000_003 + EscortUser._spawned)
+
+    def _prepare(self) -> tuple[LoadPlan, list[LoadImage], str | None] | None:
+        plan = PLAN
+        if plan is None or not plan.take_request():
+            gevent.sleep(0.05)
+            return None
+        count = plan.config.images_per_request
+        images = [self.rng.choice(plan.images) for _ in range(count)]
+        return plan, images, plan.backend_for(self.rng)
+
+    def _headers(self, plan: LoadPlan, content_type: str) -> dict[str, str]:
+        headers = {"Content-Type": content_type}
+        if plan.config.api_key:
+            headers["Authorization"] = f"Bearer {plan.config.api_key}"
+        return headers
+
+
+class V1MultipartUser(EscortUser):
+    """POST /v1/models/{m}/classify with the images as multipart `image` fields."""
+
+    protocol = V1
+
+    @task
+    def classify(self) -> None:
+        prepared = self._prepare()
+        if prepared is None:
+            return
+        plan, images, backend = prepared
+        body, content_type = multipart_body(images)
+        query = f"?top_k={TOP_K}" + (f"&backend={backend}" if backend else "")
+        url = f"{plan.target()}/v1/models/{plan.model}/classify{query}"
+        context = {"protocol": V1, "backend": backend or "default", "images": len(images)}
+        with self.client.post(
+            url,
+            data=body,
+            headers=self._headers(plan, content_type),
+            name="v1 classify",
+            context=context,
+            catch_response=True,
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}")
+                return
+            try:
+                results = response.json()["results"]
+            except (ValueError, KeyError, TypeError):
+                response.failure("answer is not the v1 classify JSON")
+                return
+            if len(results) != len(images) or not results[0].get("predictions"):
+                response.failure(f"{len(results)} results for {len(images)} images")
+
+
+class V2BinaryUser(EscortUser):
+    """POST /v2/models/{m}/infer: a BYTES `image` tensor and binary probabilities back."""
+
+    protocol = V2
+
+    @task
+    def infer(self) -> None:
+        prepared = self._prepare()
+        if prepared is None:
+            return
+        plan, images, backend = prepared
+        body, header_length = v2_binary_body(images, backend)
+        headers = self._headers(plan, "application/octet-stream")
+        headers["Inference-Header-Content-Length"] = str(header_length)
+        context = {"protocol": V2, "backend": backend or "default", "images": len(images)}
+        with self.client.post(
+            f"{plan.target()}/v2/models/{plan.model}/infer",
+            data=body,
+            headers=headers,
+            name="v2 infer",
+            context=context,
+            catch_response=True,
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}")
+                return
+            check = _check_v2_answer(response.content or b"", response.headers, len(images))
+            if check:
+                response.failure(check)
+
+
+def _check_v2_answer(content: bytes, headers: Any, count: int) -> str:
+    """Empty when the answer holds `probabilities` [count, classes] as binary FP32."""
+    try:
+        length = int(headers.get("Inference-Header-Content-Length", "0"))
+        header = json.loads(content[:length] if length else content)
+        output = next(o for o in header["outputs"] if o["name"] == "probabilities")
+    except (ValueError, KeyError, TypeError, StopIteration):
+        return "answer is not a V2 response with `probabilities`"
+    shape = output.get("shape") or []
+    if not shape or shape[0] != count:
+        return f"probabilities shape {shape} for {count} images"
+    size = (output.get("parameters") or {}).get("binary_data_size")
+    if size is not None and len(content) - length != size:
+        return f"binary part is {len(content) - length} bytes, header says {size}"
+    return ""

@@ -1,0 +1,205 @@
+"""Headless load test: `python -m loadtest.run` (what `make loadtest` runs).
+
+It waits for the server to be ready, then ramps concurrency over the LOADTEST_USERS steps. Each
+step spawns its users, lets them settle, scrapes /metrics, measures for the rest of its share of
+LOADTEST_DURATION_S (or until its share of LOADTEST_MAX_REQUESTS is spent), and scrapes again.
+In compare mode (LOADTEST_COMPARE=1) the whole ramp runs once per backend. The report (JSON,
+markdown, PNG plots) goes to LOADTEST_OUT. Only loopback targets are accepted.
+
+Exit status: 0 when requests were answered, 1 when none was, 2 for bad settings, 3 when the
+server never became ready.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime
+from typing import Any
+
+import gevent
+from locust import events
+from locust.env import Environment
+
+from loadtest import locustfile
+from loadtest.config import LoadtestConfig, LoadtestConfigError, load_config
+from loadtest.plots import write_plots
+from loadtest.promtext import Scrape, delta_all, scrape_all
+from loadtest.report import build_report, side_by_side_markdown, step_summary, write_report
+
+POLL_S = 0.05
+MAX_SPAWN_RATE = 100.0  # Locust warns above this
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def wait_ready(config: LoadtestConfig) -> str | None:
+    """None once every target answers 200 on /v2/health/ready, else why it did not."""
+    deadline = time.monotonic() + config.ready_timeout_s
+    pending = list(config.urls)
+    last = "no answer yet"
+    while pending:
+        url = pending[0] + "/v2/health/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback only
+                if response.status == 200:
+                    pending.pop(0)
+                    continue
+        except urllib.error.HTTPError as exc:
+            last = f"{url} answered {exc.code}"
+        except OSError as exc:
+            last = f"{url}: {exc}"
+        if time.monotonic() >= deadline:
+            return f"not ready after {config.ready_timeout_s:.0f} s ({last})"
+        gevent.sleep(0.5)
+    return None
+
+
+def _scrape(config: LoadtestConfig) -> list[Scrape]:
+    return scrape_all(config.scrape_urls, timeout_s=10.0, api_key=config.api_key)
+
+
+def _user_classes(config: LoadtestConfig) -> list[type]:
+    by_protocol = {
+        locustfile.V1: locustfile.V1MultipartUser,
+        locustfile.V2: locustfile.V2BinaryUser,
+    }
+    return [by_protocol[p] for p in config.protocols]
+
+
+def run_step(
+    runner: Any,
+    plan: locustfile.LoadPlan,
+    index: int,
+    users: int,
+    step_s: float,
+    settle_s: float,
+    budget: int,
+) -> tuple[float, list[locustfile.Sample], list[Scrape], list[Scrape]]:
+    """Ramp to `users`, settle, then measure; returns the measured window, its samples and the
+    scrapes that bracket it."""
+    config = plan.config
+    step_start = time.monotonic()
+    plan.step, plan.budget = -1, budget
+    runner.start(users, spawn_rate=min(MAX_SPAWN_RATE, max(1.0, users * 4.0)))
+    if runner.spawning_greenlet is not None:
+        runner.spawning_greenlet.join(timeout=max(1.0, step_s))
+    gevent.sleep(max(0.0, settle_s - (time.monotonic() - step_start)))
+    before = _scrape(config)
+    first = len(plan.samples)
+    plan.step = index
+    window_start = time.monotonic()
+    deadline = step_start + step_s
+    while time.monotonic() < deadline:
+        if plan.budget <= 0 and plan.inflight == 0:
+            break  # the step's request budget is spent and every answer is in
+        gevent.sleep(POLL_S)
+    window_s = time.monotonic() - window_start
+    plan.step = -1
+    after = _scrape(config)
+    samples = [s for s in plan.samples[first:] if s.step == index]
+    return window_s, samples, before, after
+
+
+def run(config: LoadtestConfig) -> int:
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    wall_start = time.monotonic()
+    problem = wait_ready(config)
+    if problem:
+        log(f"loadtest: the server is {problem}")
+        return 3
+    plan = locustfile.build_plan(config)
+    locustfile.PLAN = plan
+    mode = "compare" if config.compare and len(plan.backends) > 1 else "mixed"
+    phases: list[str | None] = list(plan.backends) if mode == "compare" else [None]
+    total_steps = len(phases) * len(config.users)
+    step_s = config.duration_s / total_steps
+    settle_s = min(config.settle_s, step_s * 0.25)
+    budget = max(1, config.max_requests // total_steps)
+    log(
+        f"loadtest: {plan.model} at {', '.join(config.urls)}; {mode} over "
+        f"{plan.backends or ['(server default)']}; {total_steps} steps of {step_s:.1f} s "
+        f"(first {settle_s:.1f} s not measured), at most {budget} requests each"
+    )
+
+    environment = Environment(
+        user_classes=_user_classes(config),
+        host=config.urls[0],
+        events=events,
+        stop_timeout=config.timeout_s + 1.0,
+    )
+    runner = environment.create_local_runner()
+    steps: list[dict[str, Any]] = []
+    first_scrape: list[Scrape] | None = None
+    last_scrape: list[Scrape] = []
+    try:
+        for phase in phases:
+            plan.fixed_backend = phase
+            for users in config.users:
+                index = len(steps)
+                window_s, samples, before, after = run_step(
+                    runner, plan, index, users, step_s, settle_s, budget
+                )
+                first_scrape = before if first_scrape is None else first_scrape
+                last_scrape = after
+                name = phase or "mixed"
+                summary = step_summary(
+                    index, name, users, window_s, samples, delta_all(before, after), plan.model
+                )
+                steps.append(summary)
+                lat = summary["latency_ms"]
+                log(
+                    f"  step {index + 1}/{total_steps} {name} users={users}: "
+                    f"{summary['requests']} requests, {summary['images_per_s']:.1f} img/s, "
+                    f"p50 {lat['p50'] or 0:.1f} ms, p99 {lat['p99'] or 0:.1f} ms, "
+                    f"errors {summary['errors'] or 'none'}"
+                )
+            runner.stop()
+    finally:
+        runner.quit()
+
+    run_delta = delta_all(first_scrape or [], last_scrape) if first_scrape else {}
+    report = build_report(
+        config.public(),
+        plan.model,
+        plan.card,
+        mode,
+        plan.backends,
+        steps,
+        run_delta,
+        started_at,
+        time.monotonic() - wall_start,
+    )
+    if runner.exceptions:
+        report["load_generator_exceptions"] = [
+            {"count": e["count"], "msg": e["msg"]} for e in runner.exceptions.values()
+        ]
+    report["plots"] = write_plots(report, config.out, config.plot_layers)
+    json_path, md_path = write_report(report, config.out)
+    print(side_by_side_markdown(report))
+    log(f"loadtest: report in {md_path} and {json_path}")
+    totals = report["totals"]
+    log(json.dumps({"requests": totals["requests"], "ok": totals["ok"],
+                    "errors_by_status": totals["errors_by_status"]}))  # fmt: skip
+    return 0 if totals["ok"] > 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    try:
+        config = load_config()
+    except LoadtestConfigError as exc:
+        log(f"loadtest: {exc}")
+        return 2
+    return run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -82,6 +82,8 @@ def build_backend(
     plan_factory: PlanFactory | None = None,
     cuda_graphs: bool = True,
     on_layer: Callable[[str], None] | None = None,
+    sparse_ops: dict[str, SparseConv] | None = None,
+    tune_kernel: bool = True,
 ) -> BuiltModel:
     """Materialize `backend` ("dense", "sparse", "auto" or a lowering) on `device`.
 
@@ -94,8 +96,17 @@ def build_backend(
     timings: dict[str, LayerTimings] = {}
     half_sparse = False
 
+    # Sparse ops hold only fp32 plans, so the sparse and auto builds of one model (and every
+    # precision of them) can share one set, prepared and kernel-tuned once.
+    shared = sparse_ops if sparse_ops is not None else {}
+
     def sparse_op(layer: ConvLayer) -> SparseConv:
-        return SparseConv(layer, device, plan_factory)
+        op = shared.get(layer.name)
+        if op is None or not set(buckets) <= set(op.buckets):
+            tune = tune_kernel and device.type == "cuda"
+            op = SparseConv(layer, device, plan_factory, tuple(buckets), tune)
+            shared[layer.name] = op
+        return op
 
     if backend in LOWERINGS:
         if precision != "fp32":

@@ -9,6 +9,7 @@ batch bucket from measured timings.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.engine.errors import BackendUnavailableError
+
+log = logging.getLogger(__name__)
 
 Pair = tuple[int, int]
 Pad4 = tuple[int, int, int, int]  # left, right, top, bottom, as F.pad and ZeroPad2d order them
@@ -191,7 +194,12 @@ class SparseConv(ConvOp):
     op_kind = "conv_sparse"
 
     def __init__(
-        self, layer: ConvLayer, device: torch.device, plan_factory: PlanFactory | None = None
+        self,
+        layer: ConvLayer,
+        device: torch.device,
+        plan_factory: PlanFactory | None = None,
+        buckets: tuple[int, ...] = (1,),
+        tune: bool = False,
     ) -> None:
         super().__init__(layer)
         g = layer.geometry
@@ -207,9 +215,25 @@ class SparseConv(ConvOp):
         )
         moved = plan.to(device)
         plan = plan if moved is None else moved
-        plan.prepare(g.in_hw)
+        if device.type == "cuda":
+            # Kernel metadata for every bucket must exist before any graph capture.
+            plan.prepare(g.in_hw, batch_sizes=buckets)
+            if tune and hasattr(plan, "tune"):
+                self._tune(plan, layer.name, buckets)
+        else:
+            plan.prepare(g.in_hw)
         self.__dict__["plan"] = plan
         self.plan_dtypes = tuple(getattr(plan, "dtypes", (torch.float32,)))
+        self.buckets = tuple(buckets)
+
+    def _tune(self, plan: Any, name: str, buckets: tuple[int, ...]) -> None:
+        """Let the kernel pick its tile config per bucket; its default is a fine fallback."""
+        for batch in buckets:
+            try:
+                plan.tune(self.geometry.in_hw, batch)
+            except Exception as exc:  # a tuning failure must not stop the model loading
+                log.warning("kernel tuning failed for %s at batch %d: %s", name, batch, exc)
+                return
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         dtype = x.dtype

@@ -155,6 +155,7 @@ def bench_config(
     budget_s: float,
     cache: TuningCache,
     plan_factory=None,
+    sparse_ops: dict | None = None,
 ) -> list[dict]:
     backend, precision = CONFIGS[config]
     t0 = time.perf_counter()
@@ -167,6 +168,7 @@ def bench_config(
         cache=cache,
         plan_factory=plan_factory,
         cuda_graphs=cuda_graphs,
+        sparse_ops=sparse_ops,
     )
     runner = Runner(
         built,
@@ -221,6 +223,7 @@ def run_bench(
         prepared = prepare_model(source.module, shape)
         inputs = rng.standard_normal((max(batches), *shape)).astype(np.float32)
         reference: dict[int, np.ndarray] = {}
+        sparse_ops: dict = {}  # one prepared, tuned set of plans per model, for all configs
         ordered = sorted(configs, key=lambda c: c != REFERENCE)  # reference first
         for config in ordered:
             if bar is not None:
@@ -229,7 +232,7 @@ def run_bench(
                 got = bench_config(
                     prepared, source.name, config, device, batches, inputs,
                     cuda_graphs=cuda_graphs, reps=reps, budget_s=budget_s, cache=cache,
-                    plan_factory=plan_factory,
+                    plan_factory=plan_factory, sparse_ops=sparse_ops,
                 )  # fmt: skip
             except (BackendUnavailableError, RuntimeError, ValueError) as exc:
                 log.warning("%s %s failed: %s", source.name, config, exc)
@@ -253,7 +256,7 @@ def run_bench(
                 bar.update(1)
         if on_model is not None:
             on_model(rows)
-        del prepared, source
+        del prepared, source, sparse_ops
         gc.collect()
     if bar is not None:
         bar.close()

@@ -72,7 +72,9 @@ def model_card(
             "nonzeros": nnz,
             "sparsity": round(layer.sparsity, 6),
             "macs": g.macs_per_image,
-            "backend": {b: _summary(built.choices.get(lname, {0: b})) for b, built in builts.items()},
+            "backend": {
+                b: _summary(built.choices.get(lname, {0: b})) for b, built in builts.items()
+            },
         }
         totals["weights"] += layer.weight.numel()
         totals["nonzeros"] += nnz

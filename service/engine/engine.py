@@ -207,6 +207,7 @@ class TorchEngine(Engine):
         tune_buckets = self.buckets if self.device.type == "cuda" else (1,)
         builts: dict[str, BuiltModel] = {}
         runners: dict[str, Runner] = {}
+        sparse_ops: dict = {}  # shared by this model's sparse and auto builds
         self._runners[source.name] = runners
         for backend in spec.backends:
             total = len(prepared.layers)
@@ -227,6 +228,7 @@ class TorchEngine(Engine):
                 plan_factory=plan_factory,
                 cuda_graphs=spec.cuda_graphs,
                 on_layer=tick,
+                sparse_ops=sparse_ops,
             )
             bar.step(f"{source.name}/{backend}: built")
             runner = Runner(

@@ -83,8 +83,9 @@ class StandInPlan:
         self.bias = None if self.bias is None else self.bias.to(device)
         return self
 
-    def prepare(self, hw):
+    def prepare(self, hw, batch_sizes=None):
         self.prepared.append(tuple(hw))
+        return self
 
     def __call__(self, x, residual=None, activation=None, impl="auto"):
         assert x.dtype == torch.float32

@@ -100,7 +100,8 @@ def available_models(models_dir: str | Path) -> list[str]:
 def load_source(name: str, models_dir: str | Path, progress: bool = False) -> ModelSource:
     """Manifest and pruned weights of a shipped (or user) model, by manifest name."""
     known = available_models(models_dir)
-    if name not in known:
+    # A manifest may also be named by its path (a user's model outside models/).
+    if name not in known and not (Path(name).suffix in MANIFEST_SUFFIXES and Path(name).is_file()):
         raise UnknownModelError(name, known, str(models_dir))
     from service.engine.loader import load_pruned_model
     from service.engine.manifest import load_manifest

@@ -179,15 +179,16 @@ def test_bad_specs_are_refused(field, value, message) -> None:
 
 
 def test_unknown_model_name_lists_the_manifests(tmp_path) -> None:
-    (tmp_path / "resnet50-uniform90.yaml").write_text("name: resnet50-uniform90\n")
-    (tmp_path / "efficientnet-lite0.yaml").write_text("name: efficientnet-lite0\n")
+    for name in ("resnet50-uniform90", "efficientnet-lite0"):
+        (tmp_path / f"{name}.toml").write_text(f'name = "{name}"\n')
+    (tmp_path / "README.md").write_text("not a manifest")
+    assert available_models(tmp_path) == ["efficientnet-lite0", "resnet50-uniform90"]
     spec = EngineSpec(
         models=("resnet-50",), backends=("dense",), device="cpu", models_dir=str(tmp_path)
     )
-    listed = available_models(tmp_path)
     with pytest.raises(UnknownModelError) as info:
         load_engine(spec, progress=False)
-    assert "resnet-50" in str(info.value)
-    for name in listed:
-        assert name in str(info.value)
+    message = str(info.value)
+    assert "'resnet-50'" in message
+    assert "available: efficientnet-lite0, resnet50-uniform90" in message
     assert isinstance(info.value, LookupError)

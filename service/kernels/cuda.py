@@ -87,8 +87,21 @@ def _module(device_index: int) -> Any:
     return module
 
 
+_functions: dict[tuple[int, str], Any] = {}
+
+
 def get_kernel(device_index: int, name: str) -> Any:
-    return _module(device_index).get_function(name)
+    """The loaded kernel function (cupy Function) for one device."""
+    key = (device_index, name)
+    function = _functions.get(key)
+    if function is None:
+        module = _module(device_index)
+        with _cupy().cuda.Device(device_index):
+            raw = module.get_function(name)
+            # RawKernel.kernel is the per-device Function; calling it directly skips a layer.
+            function = getattr(raw, "kernel", raw)
+        _functions[key] = function
+    return function
 
 
 _PARAMS_DTYPE = np.dtype(

@@ -210,7 +210,10 @@ class SparseConvPlan:
         residual: torch.Tensor | None = None,
         activation: str | None = None,
         impl: str = "auto",
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x: [N, C, H, W]. `out`, if given, is a contiguous fp32 [N, K, OH, OW] tensor to write
+        into (and is returned)."""
         check_activation(activation)
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -224,15 +227,22 @@ class SparseConvPlan:
         )
         dtype = x.dtype
         if use_cuda:
-            y = self._run_cuda(x, residual, activation)
+            y = self._run_cuda(x, residual, activation, out)
         else:
             hw = (int(x.shape[2]), int(x.shape[3]))
             entry = self._geometries.get(hw) or self._prepare_geometry(hw)
-            y = conv2d_reference(x, self._csr_on(entry, x.device), self._bias, residual, activation)
-        return y if y.dtype == dtype else y.to(dtype)
+            bias = None if self._bias is None else self._bias.to(x.device)
+            y = conv2d_reference(x, self._csr_on(entry, x.device), bias, residual, activation)
+            if out is not None:
+                return out.copy_(y)
+        return y if y.dtype == dtype or out is not None else y.to(dtype)
 
     def _run_cuda(
-        self, x: torch.Tensor, residual: torch.Tensor | None, activation: str | None
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        activation: str | None,
+        out: torch.Tensor | None,
     ) -> torch.Tensor:
         cuda_backend.require_cuda()
         if not x.is_cuda or x.device != self.device:
@@ -244,7 +254,15 @@ class SparseConvPlan:
         if launch is None:
             launch = self._slow_launch(hw, n, activation)
         x = x.float().contiguous()
-        out = torch.empty(launch.out_shape, device=x.device, dtype=torch.float32)
+        if out is None:
+            out = torch.empty(launch.out_shape, device=x.device, dtype=torch.float32)
+        elif (
+            tuple(out.shape) != launch.out_shape
+            or out.dtype != torch.float32
+            or not out.is_contiguous()
+            or out.device != x.device
+        ):
+            raise ValueError(f"out must be a contiguous fp32 {launch.out_shape} on {x.device}")
         if residual is not None:
             if tuple(residual.shape) != launch.out_shape:
                 raise ValueError(

@@ -1,0 +1,110 @@
+"""The CUDA kernel's decomposition and metadata, checked on the CPU through a numpy model of
+its indexing (tests/kernels/escort_emulator.py)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from service.kernels.cuda import kernel_params
+from service.kernels.stretched_csr import SparseWeight, make_geometry
+from service.kernels.tiling import (
+    MAX_ACCUMULATORS,
+    STAGE_FLOATS,
+    build_meta,
+    candidate_configs,
+    default_config,
+    magic_divisor,
+)
+from tests.kernels.conftest import assert_matches, prune, random_case
+from tests.kernels.escort_emulator import emulate, fast_div
+
+# The anchors' layer suite shapes: (C, K, H, kernel, stride, pad).
+SUITE = [
+    (64, 192, 27, 5, 1, 2),
+    (192, 384, 13, 3, 1, 1),
+    (64, 64, 224, 3, 1, 1),
+    (512, 512, 14, 3, 1, 1),
+    (64, 256, 56, 1, 1, 0),
+    (128, 128, 56, 3, 2, 1),
+    (512, 512, 7, 3, 1, 1),
+    (512, 2048, 7, 1, 1, 0),
+    (3, 64, 224, 7, 2, 3),
+]
+
+
+def _geometry_of(case):
+    return make_geometry(tuple(case.weight.shape), tuple(case.x.shape[2:]), **case.kwargs)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_emulated_kernel_matches_conv2d(seed: int) -> None:
+    case = random_case(seed + 1000, max_hw=14)
+    geometry = _geometry_of(case)
+    sparse = SparseWeight.from_dense(case.weight)
+    n = case.x.shape[0]
+    configs = candidate_configs(geometry, n)
+    picks = [configs[0], random.Random(seed).choice(configs)]
+    for config in picks:
+        meta = build_meta(sparse, geometry, config)
+        params = kernel_params(geometry, meta, None, n, case.activation)
+        y = emulate(case.x, meta, params, case.bias, case.residual)
+        assert_matches(y, case.expected(), rel=1e-9)
+
+
+def test_emulated_kernel_with_many_channel_chunks() -> None:
+    gen = torch.Generator().manual_seed(5)
+    weight = prune(torch.randn(20, 150, 3, 3, generator=gen), 0.8, gen)
+    x = torch.randn(2, 150, 19, 37, generator=gen)
+    geometry = make_geometry(weight.shape, (19, 37), stride=1, padding=1)
+    sparse = SparseWeight.from_dense(weight)
+    expected = torch.nn.functional.conv2d(x.double(), weight.double(), padding=1)
+    for config in candidate_configs(geometry, 2)[:5]:
+        meta = build_meta(sparse, geometry, config)
+        assert meta.seg_stride > 2  # several chunks really happen
+        y = emulate(x, meta, kernel_params(geometry, meta, None, 2, None), None, None)
+        assert_matches(y, expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("shape", SUITE)
+@pytest.mark.parametrize("batch", [1, 16, 64])
+def test_configs_fit_the_kernel(shape, batch) -> None:
+    c, k, h, r, stride, pad = shape
+    geometry = make_geometry((k, c, r, r), (h, h), stride, pad)
+    for config in candidate_configs(geometry, batch):
+        assert config.pixels_per_lane * config.rows_per_warp <= MAX_ACCUMULATORS
+        assert config.chunk_floats(geometry) <= STAGE_FLOATS
+        assert config.images * config.tile_h * config.tile_w <= 32 * config.pixels_per_lane
+        assert 1 <= config.chunk_channels <= c
+    default = default_config(geometry, batch)
+    assert default == candidate_configs(geometry, batch)[0]
+
+
+def test_rows_are_sorted_by_nonzeros_and_metadata_is_consistent() -> None:
+    gen = torch.Generator().manual_seed(2)
+    weight = prune(torch.randn(40, 70, 3, 3, generator=gen), 0.9, gen)
+    weight[3] = 0
+    geometry = make_geometry(weight.shape, (14, 14), padding=1)
+    sparse = SparseWeight.from_dense(weight)
+    meta = build_meta(sparse, geometry, default_config(geometry, 1))
+    counts = sparse.row_nnz[meta.perm.long()]
+    assert torch.all(counts[:-1] >= counts[1:])
+    seg = meta.segptr.long()
+    assert torch.all(seg[:, 1:] >= seg[:, :-1])
+    assert int(seg[-1, -1]) == sparse.nnz and int(seg[0, 0]) == 0
+    values = meta.meta[:, 0].view(torch.float32)
+    assert torch.equal(torch.sort(values).values, torch.sort(sparse.values).values)
+
+
+@pytest.mark.parametrize("divisor", [*range(1, 70), 81, 100, 127, 128, 129, 255, 999, 4097])
+def test_magic_division(divisor: int) -> None:
+    mul, shr = magic_divisor(divisor)
+    assert 0 <= mul < 2**32
+    rng = np.random.default_rng(divisor)
+    xs = np.concatenate(
+        [np.arange(5000), rng.integers(0, 2**31, 5000), [2**31 - 1, 2**31 - 2, divisor * 7]]
+    ).astype(np.int64)
+    np.testing.assert_array_equal(fast_div(xs, mul, shr).astype(np.int64), xs // divisor)

@@ -95,14 +95,22 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float16 if precision == "fp16" and device.type == "cuda" else torch.float32
 
 
-@contextmanager
-def precision_scope(precision: str) -> Iterator[None]:
+def set_precision_flags(precision: str) -> None:
     """TF32 on only for 'tf32'. torch's cuDNN default allows TF32, so 'fp32' must turn it off.
-    The flags are read when kernels are chosen: at eager calls and at graph capture."""
-    prev = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    The flags are process-wide and read when kernels are chosen: at eager calls and at graph
+    capture. Runners set them (never restore them: a restore from one thread would flip them
+    under another thread's eager pass); an engine has one precision, so they always agree."""
     tf32 = precision == "tf32"
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@contextmanager
+def precision_scope(precision: str) -> Iterator[None]:
+    """The flags for `precision` inside, the previous ones after: for single-threaded code
+    that mixes precisions (tuning, benchmarks)."""
+    prev = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    set_precision_flags(precision)
     try:
         yield
     finally:

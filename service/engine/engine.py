@@ -178,6 +178,9 @@ class TorchEngine(Engine):
         # What actually runs: without CUDA every precision is fp32 (the card notes why).
         self.precision = spec.precision if self.device.type == "cuda" else "fp32"
         self.buckets = batch_buckets(spec.max_batch_size)
+        if self.device.type == "cuda":
+            # Shapes are fixed per bucket, so cuDNN's one-time algorithm search pays off.
+            torch.backends.cudnn.benchmark = True
         self._runners: dict[str, dict[str, Runner]] = {}
         self._descriptions: dict[str, ModelDescription] = {}
         cache = TuningCache(Path(spec.cache_dir) / "autotune.json")

@@ -8,6 +8,7 @@ synchronize at the end, so the timed pass itself never waits between layers.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -78,16 +79,21 @@ class LayerProfiler:
         marks: list[tuple[str, str, Any, Any]] = []
         starts: dict[str, Any] = {}
         stamp = self._stamp
+        # Ops can be shared between backends' models (sparse plans are), and another runner's
+        # thread may call them meanwhile: only this thread's calls are this pass's layers.
+        owner = threading.get_ident()
 
         def before(name: str) -> Callable:
             def hook(module: nn.Module, args: Any) -> None:
-                starts[name] = stamp()
+                if threading.get_ident() == owner:
+                    starts[name] = stamp()
 
             return hook
 
         def after(name: str) -> Callable:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
-                marks.append((name, op_name(module), starts.pop(name), stamp()))
+                if threading.get_ident() == owner and name in starts:
+                    marks.append((name, op_name(module), starts.pop(name), stamp()))
 
             return hook
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from service.engine.assemble import BuiltModel
-from service.engine.backends import precision_scope
+from service.engine.backends import set_precision_flags
 from service.engine.errors import BadBatchError
 from service.engine.profiler import LayerProfiler
 from service.engine.protocol import LayerObserver
@@ -97,7 +97,7 @@ class Runner:
                 stack.enter_context(torch.cuda.device(self.device))
                 stack.enter_context(torch.cuda.stream(self.stream))
             stack.enter_context(torch.inference_mode())
-            stack.enter_context(precision_scope(self.built.precision))
+            set_precision_flags(self.built.precision)
             yield
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

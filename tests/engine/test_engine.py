@@ -192,3 +192,47 @@ def test_unknown_model_name_lists_the_manifests(tmp_path) -> None:
     assert "'resnet-50'" in message
     assert "available: efficientnet-lite0, resnet50-uniform90" in message
     assert isinstance(info.value, LookupError)
+
+
+def test_concurrent_profiling_with_shared_sparse_ops(tmp_path, stand_in_plan) -> None:
+    """sparse and auto share their sparse ops; each runner's samples stay its own."""
+    calls: list[tuple] = []
+    lock = threading.Lock()
+
+    def observe(*args) -> None:
+        with lock:
+            calls.append(args)
+
+    def timer(op, layer, batch):  # auto picks sparse everywhere
+        return 1.0 if op.op_kind == "conv_dense" else 0.5
+
+    spec = EngineSpec(
+        models=("tiny-resnet",), backends=("sparse", "auto"), device="cpu",
+        layer_profile_every=1, cache_dir=str(tmp_path),
+    )  # fmt: skip
+    engine = TorchEngine(
+        spec, [_source()], observe, progress=False, plan_factory=stand_in_plan, timer=timer
+    )
+    sparse = engine.runner("tiny-resnet", "sparse")
+    assert any(m is sparse.module.get_submodule("conv1") for m in _auto_sparse_ops(engine))
+    batch = np.zeros((1, 3, 64, 64), np.float32)
+    threads = [
+        threading.Thread(
+            target=lambda b=b: [engine.infer("tiny-resnet", b, batch) for _ in range(3)]
+        )
+        for b in ("sparse", "auto")
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    layers = len(sparse.profiler.layers)
+    for backend in ("sparse", "auto"):
+        mine = [c for c in calls if c[1] == backend]
+        assert len(mine) == 3 * layers, backend
+        assert all(c[3] == "conv_sparse" for c in mine if c[2] == "layer1.0.conv1")
+
+
+def _auto_sparse_ops(engine):
+    auto = engine.runner("tiny-resnet", "auto").module
+    return [m.sparse for m in auto.modules() if hasattr(m, "choice")]

@@ -153,7 +153,7 @@ class _Progress:
 
     def note(self, text: str) -> None:
         if self.bar is not None:
-            self.bar.set_postfix_str(text)
+            self.bar.set_postfix_str(text, refresh=False)  # shown at the bar's own pace
 
     def close(self) -> None:
         if self.bar is not None:

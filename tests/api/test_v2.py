@@ -201,7 +201,14 @@ def test_classification_extension(
 def test_classification_larger_than_the_classes_is_clamped(client: TestClient) -> None:
     tensor = np.zeros((1, 3, 32, 32), dtype=np.float32)
     body = {
-        "inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": tensor.ravel().tolist()}],
+        "inputs": [
+            {
+                "name": "input",
+                "shape": [1, 3, 32, 32],
+                "datatype": "FP32",
+                "data": tensor.ravel().tolist(),
+            }
+        ],
         "outputs": [{"name": "probabilities", "parameters": {"classification": 50}}],
     }
     output = client.post(INFER, json=body).json()["outputs"][0]
@@ -211,7 +218,14 @@ def test_classification_larger_than_the_classes_is_clamped(client: TestClient) -
 def test_versioned_infer_and_timeout_parameter(client: TestClient) -> None:
     tensor = np.zeros((1, 3, 32, 32), dtype=np.float32)
     body = {
-        "inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": tensor.ravel().tolist()}],
+        "inputs": [
+            {
+                "name": "input",
+                "shape": [1, 3, 32, 32],
+                "datatype": "FP32",
+                "data": tensor.ravel().tolist(),
+            }
+        ],
         "parameters": {"timeout": 5_000_000},  # microseconds, as Triton reads it
     }
     response = client.post(f"/v2/models/{FAKE_MODEL}/versions/1/infer", json=body)
@@ -220,7 +234,16 @@ def test_versioned_infer_and_timeout_parameter(client: TestClient) -> None:
 
 def test_statistics(client: TestClient) -> None:
     tensor = np.zeros((2, 3, 32, 32), dtype=np.float32)
-    body = {"inputs": [{"name": "input", "shape": [2, 3, 32, 32], "datatype": "FP32", "data": tensor.ravel().tolist()}]}
+    body = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": [2, 3, 32, 32],
+                "datatype": "FP32",
+                "data": tensor.ravel().tolist(),
+            }
+        ]
+    }
     assert client.post(INFER, json=body).status_code == 200
     (stats,) = client.get(f"/v2/models/{FAKE_MODEL}/stats").json()["model_stats"]
     assert stats["inference_count"] == 2 and stats["execution_count"] == 1

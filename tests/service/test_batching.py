@@ -89,7 +89,10 @@ def test_queue_full_refuses_whole_requests() -> None:
         with pytest.raises(QueueFullError) as err:
             await queue.submit(marked_tensor(2.0, rows=2), later(10))
         assert err.value.status_code == 503 and err.value.headers["Retry-After"] == "1"
-        assert sample(metrics, "escort_rejected_total", {"model": FAKE_MODEL, "reason": "queue_full"}) == 1
+        assert (
+            sample(metrics, "escort_rejected_total", {"model": FAKE_MODEL, "reason": "queue_full"})
+            == 1
+        )
         assert queue.depth == 3
         engine.gate.set()
         assert len(await first) == 2 and len(await waiting) == 3
@@ -113,7 +116,10 @@ def test_expired_requests_are_never_computed() -> None:
         await blocker
         await queue.submit(marked_tensor(8.0), later(5))
         assert 7.0 not in engine.rows_seen and 8.0 in engine.rows_seen
-        assert sample(metrics, "escort_rejected_total", {"model": FAKE_MODEL, "reason": "deadline"}) == 1
+        assert (
+            sample(metrics, "escort_rejected_total", {"model": FAKE_MODEL, "reason": "deadline"})
+            == 1
+        )
         await queue.close()
 
     asyncio.run(scenario())
@@ -155,7 +161,12 @@ def test_a_failed_batch_fails_each_request_and_the_queue_carries_on() -> None:
         )
         assert all(isinstance(o, EngineFailureError) for o in outcomes)
         assert "simulated device fault" in str(outcomes[0])
-        assert sample(metrics, "escort_batch_failures_total", {"model": FAKE_MODEL, "backend": "sparse"}) >= 1
+        assert (
+            sample(
+                metrics, "escort_batch_failures_total", {"model": FAKE_MODEL, "backend": "sparse"}
+            )
+            >= 1
+        )
         engine.fail = False
         assert len(await queue.submit(marked_tensor(1.0), later(5))) == 1
         await queue.close()

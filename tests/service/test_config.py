@@ -11,11 +11,24 @@ from service.app import engine_spec
 from service.config import ConfigError, Settings, load_settings, settings_table_markdown
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-CONTRACT_NAMES = (
-    "HOST PORT MODELS BACKEND BACKENDS DEVICE PRECISION MAX_BATCH_SIZE MAX_BATCH_DELAY_MS "
-    "MAX_QUEUE_SIZE REQUEST_TIMEOUT_S MAX_REQUEST_BYTES MAX_IMAGE_PIXELS LAYER_PROFILE_EVERY "
-    "API_KEY LOG_LEVEL"
-).split()
+CONTRACT_NAMES = [
+    "HOST",
+    "PORT",
+    "MODELS",
+    "BACKEND",
+    "BACKENDS",
+    "DEVICE",
+    "PRECISION",
+    "MAX_BATCH_SIZE",
+    "MAX_BATCH_DELAY_MS",
+    "MAX_QUEUE_SIZE",
+    "REQUEST_TIMEOUT_S",
+    "MAX_REQUEST_BYTES",
+    "MAX_IMAGE_PIXELS",
+    "LAYER_PROFILE_EVERY",
+    "API_KEY",
+    "LOG_LEVEL",
+]
 
 
 @pytest.fixture(autouse=True)

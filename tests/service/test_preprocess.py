@@ -45,7 +45,7 @@ def test_normalization_and_layout(photos: dict[str, bytes]) -> None:
     assert tensor.flags["C_CONTIGUOUS"]
     raw = _pixels(photos["cat.jpg"])
     np.testing.assert_allclose(tensor, (raw.transpose(2, 0, 1) - 127.0) / 128.0, atol=1e-6)
-    assert -1.0 <= tensor.min() and tensor.max() <= 1.0
+    assert tensor.min() >= -1.0 and tensor.max() <= 1.0
 
 
 def test_channel_order_is_rgb() -> None:

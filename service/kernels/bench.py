@@ -94,6 +94,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="only launch the Escort kernel a few times per shape (to run under ncu/nsys)",
+    )
     args = parser.parse_args(argv)
     unknown = set(args.methods.split(",")) - set(bm.METHODS)
     if unknown or "escort" not in args.methods.split(","):
@@ -244,7 +249,7 @@ class Bench:
             "useful_flop": 2 * plan.nnz * batch * oh * oh,
         }
         if not self.args.no_tune and not self.over_budget():
-            times = plan.tune(hw, batch, reps=7)
+            times = plan.tune(hw, batch, reps=3)
             default = default_config(plan.geometry(hw), batch)
             self.tuning.append(
                 {
@@ -276,6 +281,25 @@ class Bench:
                 self.measure(base, "im2col_cusparse", fn)
 
 
+def profile(layers: list[Layer], args: argparse.Namespace) -> int:
+    """Launches each shape's default config three times, for an external profiler."""
+    for layer in layers:
+        for batch in args.batch:
+            gen = torch.Generator().manual_seed(args.seed)
+            dense = torch.randn(layer.k, layer.c, layer.r, layer.r, generator=gen)
+            x = torch.randn(batch, layer.c, layer.hw, layer.hw, device="cuda")
+            for sparsity in args.sparsity:
+                weight = bm.magnitude_prune(dense, sparsity).cuda()
+                plan = SparseConvPlan(weight, None, layer.stride, layer.pad)
+                plan.prepare((layer.hw, layer.hw), batch_sizes=(batch,))
+                for _ in range(3):
+                    plan(x, impl="cuda")
+                torch.cuda.synchronize()
+                config = plan.config_for((layer.hw, layer.hw), batch)
+                print(f"{layer.name} b{batch} s{sparsity}: {config}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from service.kernels.cuda import unavailable_reason
@@ -285,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"escort bench layers needs a CUDA GPU and CuPy: {reason}", file=sys.stderr)
         return 2
     layers = select_layers(args.layers)
+    if args.profile:
+        return profile(layers, args)
     torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name()
     sgemm = measure_sgemm()

@@ -9,6 +9,7 @@ built beforehand by `prepare_launch`, outside any capture.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib
 import importlib.util
@@ -104,75 +105,52 @@ def get_kernel(device_index: int, name: str) -> Any:
     return function
 
 
-_PARAMS_DTYPE = np.dtype(
-    [(name, np.uint64) for name in ("meta", "segptr", "perm", "blocks", "bias")]
-    + [
-        (name, np.int32)
-        for name in [
-            "N",
-            "C",
-            "H",
-            "W",
-            "K",
-            "OH",
-            "OW",
-            "sh",
-            "sw",
-            "pt",
-            "pl",
-            "TH",
-            "TW",
-            "NB",
-            "TIH",
-            "TIW",
-            "CC",
-            "tiles_w",
-            "tiles_h",
-            "seg_stride",
-            "chunk_floats",
-            "act",
-        ]
-    ]
-    + [
-        (name, np.uint32)
-        for name in ["tiw_mul", "tiw_shr", "tih_mul", "tih_shr", "cc_mul", "cc_shr"]
-    ],
+_POINTER_FIELDS = ("meta", "recptr", "perm", "blocks", "bias", "ws", "counters")
+_INT_FIELDS = [
+    "N",
+    "C",
+    "H",
+    "W",
+    "K",
+    "OH",
+    "OW",
+    "sh",
+    "sw",
+    "pt",
+    "pl",
+    "TH",
+    "TW",
+    "NB",
+    "TIH",
+    "TIW",
+    "CC",
+    "tiles_w",
+    "tiles_h",
+    "rec_stride",
+    "header",
+    "chunk_floats",
+    "record_max",
+    "splits",
+    "act",
+]
+_UINT_FIELDS = ("tiw_mul", "tiw_shr", "tih_mul", "tih_shr", "cc_mul", "cc_shr")
+# The EscortParams struct of the CUDA source, field for field (aligned as C lays it out).
+PARAMS_DTYPE = np.dtype(
+    [(name, np.uint64) for name in _POINTER_FIELDS]
+    + [(name, np.int32) for name in _INT_FIELDS]
+    + [(name, np.uint32) for name in _UINT_FIELDS],
     align=True,
 )
-
-
-def _struct_arg(record: np.ndarray) -> Any:
-    """A kernel argument passing `record` (one C struct) by value, converted once."""
-    function = importlib.import_module("cupy.cuda.function")
-    holder = getattr(function, "CNumpyArray", None)
-    # CuPy also accepts a one-element ndarray by value; pre-wrapping skips the per-call check.
-    return holder(record) if holder is not None else record
-
-
-@dataclass
-class EscortLaunch:
-    """One ready launch of escort_conv for (geometry, config, batch, activation)."""
-
-    kernel: Any
-    grid: tuple[int, int, int]
-    block: tuple[int, int, int]
-    shared_bytes: int
-    params: Any  # the struct argument
-    record: np.ndarray  # kept alive: `params` points into it
-    meta: EscortMeta  # kept alive: `record` holds its device pointers
-    bias: torch.Tensor | None
-    device_index: int
-    out_shape: tuple[int, int, int, int]
 
 
 def kernel_params(
     geometry: ConvGeometry,
     meta: EscortMeta,
-    bias: torch.Tensor | None,
     batch: int,
     activation: str | None,
+    pointers: dict[str, int] | None = None,
 ) -> dict[str, int]:
-    """The EscortParams fields for one launch (device pointers included)."""
+    """The EscortParams fields for one launch; device pointers default to 0."""
     config = meta.config
     tih, tiw = meta.window
     oh, ow = geometry.output_hw
@@ -180,46 +158,72 @@ def kernel_params(
     tiw_div, tih_div = magic_divisor(tiw), magic_divisor(tih)
     cc_div = magic_divisor(config.chunk_channels)
     left, _, top, _ = geometry.padding
-    return {
-        "meta": meta.meta.data_ptr(),
-        "segptr": meta.segptr.data_ptr(),
-        "perm": meta.perm.data_ptr(),
-        "blocks": meta.blocks.data_ptr(),
-        "bias": 0 if bias is None else bias.data_ptr(),
-        "N": batch,
-        "C": geometry.in_channels,
-        "H": geometry.input_hw[0],
-        "W": geometry.input_hw[1],
-        "K": geometry.out_channels,
-        "OH": oh,
-        "OW": ow,
-        "sh": geometry.stride[0],
-        "sw": geometry.stride[1],
-        "pt": top,
-        "pl": left,
-        "TH": config.tile_h,
-        "TW": config.tile_w,
-        "NB": config.images,
-        "TIH": tih,
-        "TIW": tiw,
-        "CC": config.chunk_channels,
-        "tiles_w": w_t,
-        "tiles_h": h_t,
-        "seg_stride": meta.seg_stride,
-        "chunk_floats": config.chunk_floats(geometry),
-        "act": ACTIVATION_CODES[activation],
-        "tiw_mul": tiw_div[0],
-        "tiw_shr": tiw_div[1],
-        "tih_mul": tih_div[0],
-        "tih_shr": tih_div[1],
-        "cc_mul": cc_div[0],
-        "cc_shr": cc_div[1],
-    }
+    values = dict.fromkeys(_POINTER_FIELDS, 0)
+    values.update(pointers or {})
+    values.update(
+        N=batch,
+        C=geometry.in_channels,
+        H=geometry.input_hw[0],
+        W=geometry.input_hw[1],
+        K=geometry.out_channels,
+        OH=oh,
+        OW=ow,
+        sh=geometry.stride[0],
+        sw=geometry.stride[1],
+        pt=top,
+        pl=left,
+        TH=config.tile_h,
+        TW=config.tile_w,
+        NB=config.images,
+        TIH=tih,
+        TIW=tiw,
+        CC=config.chunk_channels,
+        tiles_w=w_t,
+        tiles_h=h_t,
+        rec_stride=meta.rec_stride,
+        header=config.header_slots(),
+        chunk_floats=config.chunk_floats(geometry),
+        record_max=meta.record_max,
+        splits=config.splits,
+        act=ACTIVATION_CODES[activation],
+        tiw_mul=tiw_div[0],
+        tiw_shr=tiw_div[1],
+        tih_mul=tih_div[0],
+        tih_shr=tih_div[1],
+        cc_mul=cc_div[0],
+        cc_shr=cc_div[1],
+    )
+    return values
 
 
 def launch_grid(geometry: ConvGeometry, meta: EscortMeta, batch: int) -> tuple[int, int, int]:
     n_t, h_t, w_t = meta.config.tiles(geometry, batch)
-    return (n_t * h_t * w_t, meta.config.row_blocks(geometry), 1)
+    return (n_t * h_t * w_t, meta.config.row_blocks(geometry), meta.config.splits)
+
+
+def shared_bytes(geometry: ConvGeometry, meta: EscortMeta) -> int:
+    return 2 * (4 * meta.config.chunk_floats(geometry) + 8 * meta.record_max)
+
+
+@dataclass
+class EscortLaunch:
+    """One ready launch of escort_conv for (geometry, config, batch, activation).
+
+    `slots` holds the three per-call pointers (x, out, residual) and `arg_pointers` is the
+    void*[4] array cuLaunchKernel reads, pointing at the slots and at the params struct: a call
+    writes three integers and makes one driver call. Not for concurrent use from two threads."""
+
+    function: Any  # cupy Function
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared_bytes: int
+    record: np.ndarray  # the EscortParams struct
+    slots: np.ndarray  # uint64 [3]
+    arg_pointers: Any  # ctypes void*[4]
+    meta: EscortMeta  # kept alive: `record` holds its device pointers
+    keep: tuple[torch.Tensor | None, ...]  # bias, workspace, counters
+    device_index: int
+    out_shape: tuple[int, int, int, int]
 
 
 def prepare_launch(
@@ -230,42 +234,79 @@ def prepare_launch(
     activation: str | None,
     device_index: int,
 ) -> EscortLaunch:
-    """Everything a launch needs. `meta` and `bias` must already be on the device."""
+    """Everything a launch needs (allocates the split workspace, so not during a capture).
+    `meta` and `bias` must already be on the device."""
     config = meta.config
-    values = kernel_params(geometry, meta, bias, batch, activation)
-    record = np.zeros(1, dtype=_PARAMS_DTYPE)
-    for key, value in values.items():
+    grid = launch_grid(geometry, meta, batch)
+    out_shape = (batch, geometry.out_channels, *geometry.output_hw)
+    ws = counters = None
+    if config.splits > 1:
+        device = torch.device("cuda", device_index)
+        ws = torch.zeros(out_shape, device=device)
+        counters = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=device)
+    pointers = {
+        "meta": meta.meta.data_ptr(),
+        "recptr": meta.recptr.data_ptr(),
+        "perm": meta.perm.data_ptr(),
+        "blocks": meta.blocks.data_ptr(),
+        "bias": 0 if bias is None else bias.data_ptr(),
+        "ws": 0 if ws is None else ws.data_ptr(),
+        "counters": 0 if counters is None else counters.data_ptr(),
+    }
+    record = np.zeros(1, dtype=PARAMS_DTYPE)
+    for key, value in kernel_params(geometry, meta, batch, activation, pointers).items():
         record[key] = value
-    kernel = get_kernel(device_index, kernel_name(config.pixels_per_lane, config.rows_per_warp))
+    slots = np.zeros(3, dtype=np.uint64)
+    base = slots.ctypes.data
+    arg_pointers = (ctypes.c_void_p * 4)(base, base + 8, base + 16, record.ctypes.data)
+    function = get_kernel(device_index, kernel_name(config.pixels_per_lane, config.rows_per_warp))
     return EscortLaunch(
-        kernel=kernel,
-        grid=launch_grid(geometry, meta, batch),
+        function=function,
+        grid=grid,
         block=(config.threads, 1, 1),
-        shared_bytes=2 * values["chunk_floats"] * 4,
-        params=_struct_arg(record),
+        shared_bytes=shared_bytes(geometry, meta),
         record=record,
+        slots=slots,
+        arg_pointers=arg_pointers,
         meta=meta,
-        bias=bias,
+        keep=(bias, ws, counters),
         device_index=device_index,
-        out_shape=(batch, geometry.out_channels, *geometry.output_hw),
+        out_shape=out_shape,
     )
 
 
-_streams: dict[int, Any] = {}
+_local = threading.local()
 
 
-@functools.cache
-def _intptr() -> Any:
-    return importlib.import_module("cupy.cuda.function").CIntptr
+@dataclass(frozen=True)
+class _StreamRef:
+    """What cupy's Function call reads from a stream argument: its handle."""
+
+    ptr: int
 
 
-def _current_stream(device: torch.device) -> Any:
-    handle = torch.cuda.current_stream(device).cuda_stream
-    stream = _streams.get(handle)
-    if stream is None:
-        stream = _cupy().cuda.ExternalStream(handle, device.index or 0)
-        _streams[handle] = stream
-    return stream
+def _raw_stream(device_index: int) -> int:
+    getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if getter is not None:
+        return int(getter(device_index))
+    return int(torch.cuda.current_stream(device_index).cuda_stream)
+
+
+def _driver_launch(cp: Any, launch: EscortLaunch) -> None:
+    gx, gy, gz = launch.grid
+    cp.cuda.driver.launchKernel(
+        launch.function.ptr,
+        gx,
+        gy,
+        gz,
+        launch.block[0],
+        1,
+        1,
+        launch.shared_bytes,
+        _raw_stream(launch.device_index),
+        ctypes.addressof(launch.arg_pointers),
+        0,
+    )
 
 
 def run_launch(
@@ -276,31 +317,26 @@ def run_launch(
 ) -> torch.Tensor:
     """Launches on torch's current stream; no sync, no allocation. Tensors must be fp32,
     contiguous, on the launch's device, with the shapes it was prepared for."""
-    intptr = _intptr()
-    args = (
-        intptr(x.data_ptr()),
-        intptr(out.data_ptr()),
-        intptr(0 if residual is None else residual.data_ptr()),
-        launch.params,
-    )
     cp = _cupy()
-    if cp.cuda.runtime.getDevice() != launch.device_index:
-        with cp.cuda.Device(launch.device_index):
-            launch.kernel(
-                launch.grid,
-                launch.block,
-                args,
-                shared_mem=launch.shared_bytes,
-                stream=_current_stream(x.device),
-            )
-    else:
-        launch.kernel(
-            launch.grid,
-            launch.block,
-            args,
-            shared_mem=launch.shared_bytes,
-            stream=_current_stream(x.device),
-        )
+    device = launch.device_index
+    slots = launch.slots
+    slots[0] = x.data_ptr()
+    slots[1] = out.data_ptr()
+    slots[2] = 0 if residual is None else residual.data_ptr()
+    ready = getattr(_local, "devices", None)
+    if ready is None:
+        ready = _local.devices = set()
+    current = cp.cuda.runtime.getDevice()
+    if current != device:
+        with cp.cuda.Device(device):
+            _driver_launch(cp, launch)
+        return out
+    if device not in ready:
+        # The driver launch needs the device's context current on this thread; since CUDA 12,
+        # cudaSetDevice makes the primary context current.
+        cp.cuda.runtime.setDevice(device)
+        ready.add(device)
+    _driver_launch(cp, launch)
     return out
 
 
@@ -345,6 +381,6 @@ def run_port(
         (tiles_w * tiles_h, geometry.out_channels, n),
         (16, 16, 1),
         ptrs,
-        stream=_current_stream(x_padded.device),
+        stream=_StreamRef(_raw_stream(x_padded.device.index or 0)),
     )
     return out

@@ -12,17 +12,19 @@ from service.kernels.tiling import MAX_ACCUMULATORS, PIXELS_PER_LANE, ROWS_PER_W
 
 SOURCE = r"""
 struct EscortParams {
-    unsigned long long meta;     // int2 [nnz]: (float bits, offset into the staged window)
-    unsigned long long segptr;   // int [K * seg_stride]
+    unsigned long long meta;     // int2 records, one per (row block, chunk); see tiling.py
+    unsigned long long recptr;   // int [row blocks * rec_stride]: record starts (int2 units)
     unsigned long long perm;     // int [K]
     unsigned long long blocks;   // int2 [row blocks]: (first channel, channel count)
     unsigned long long bias;     // float [K], or 0
+    unsigned long long ws;       // float [N*K*OH*OW] zeros, for split > 1
+    unsigned long long counters; // int [grid.x * grid.y] zeros, for split > 1
     int N, C, H, W, K, OH, OW;
     int sh, sw, pt, pl;
     int TH, TW, NB, TIH, TIW, CC;
     int tiles_w, tiles_h;
-    int seg_stride, chunk_floats;
-    int act;                     // 0 none, 1 relu, 2 relu6
+    int rec_stride, header, chunk_floats, record_max;
+    int splits, act;
     unsigned int tiw_mul, tiw_shr, tih_mul, tih_shr, cc_mul, cc_shr;
 };
 
@@ -30,9 +32,14 @@ __device__ __forceinline__ unsigned int fast_div(unsigned int x, unsigned int mu
     return mul ? (__umulhi(x, mul) >> shr) : x;
 }
 
-__device__ __forceinline__ void cp_async4(float* dst, const float* src, int src_bytes) {
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_bytes) {
     unsigned int d = (unsigned int)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" :: "r"(d), "l"(src), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async8(void* dst, const void* src) {
+    unsigned int d = (unsigned int)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" :: "r"(d), "l"(src));
 }
 
 __device__ __forceinline__ void cp_async_commit() {
@@ -44,11 +51,13 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" :: "n"(N));
 }
 
-// Copies chunk `j` of the tile's input window into `buf`, zero-filling padding and anything
-// outside the image or the block's channels (cp.async with 0 source bytes writes zeros).
+// Copies chunk j of the tile's input window into `buf` (zero-filling padding, pixels outside
+// the image and channels outside the block: cp.async with 0 source bytes writes zeros) and the
+// chunk's metadata record [rec_beg, rec_end) into `mbuf`.
 __device__ __forceinline__ void stage_chunk(
-    const float* __restrict__ x, float* buf, const EscortParams& p,
-    int j, int c_first, int c_count, int n0, int ih0, int iw0)
+    const float* __restrict__ x, const int2* __restrict__ meta, float* buf, int2* mbuf,
+    const EscortParams& p, int j, int c_first, int c_count, int n0, int ih0, int iw0,
+    int rec_beg, int rec_end)
 {
     const int c0 = c_first + j * p.CC;
     const int cn = min(p.CC, c_count - j * p.CC);
@@ -67,6 +76,8 @@ __device__ __forceinline__ void stage_chunk(
         const float* src = ok ? x + ((((long long)n * p.C + c0 + cl) * p.H + gh) * p.W + gw) : x;
         cp_async4(buf + e, src, ok ? 4 : 0);
     }
+    for (int e = rec_beg + threadIdx.x; e < rec_end; e += blockDim.x)
+        cp_async8(mbuf + (e - rec_beg), meta + e);
     cp_async_commit();
 }
 
@@ -77,10 +88,11 @@ __global__ void __launch_bounds__(256) escort_conv(
 {
     extern __shared__ float smem[];
     const int2* __restrict__ meta = reinterpret_cast<const int2*>(p.meta);
-    const int* __restrict__ segptr = reinterpret_cast<const int*>(p.segptr);
+    const int* __restrict__ recptr = reinterpret_cast<const int*>(p.recptr);
     const int* __restrict__ perm = reinterpret_cast<const int*>(p.perm);
     const int2* __restrict__ blocks = reinterpret_cast<const int2*>(p.blocks);
     const float* __restrict__ bias = reinterpret_cast<const float*>(p.bias);
+    int2* const mbase = reinterpret_cast<int2*>(smem + 2 * p.chunk_floats);
 
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
@@ -96,6 +108,10 @@ __global__ void __launch_bounds__(256) escort_conv(
     const int ow0 = tile_w * p.TW;
     const int2 blk = blocks[blockIdx.y];
     const int nchunks = (blk.y + p.CC - 1) / p.CC;
+    const int per_split = (nchunks + p.splits - 1) / p.splits;
+    const int j_first = blockIdx.z * per_split;
+    const int j_last = min(nchunks, j_first + per_split);
+    const int* rec = recptr + blockIdx.y * p.rec_stride;
 
     // Where each of this lane's pixels starts in the staged window.
     const int tile_pixels = p.TH * p.TW;
@@ -121,37 +137,85 @@ __global__ void __launch_bounds__(256) escort_conv(
     const int ih0 = oh0 * p.sh - p.pt;
     const int iw0 = ow0 * p.sw - p.pl;
 
-    stage_chunk(x, smem, p, 0, blk.x, blk.y, n0, ih0, iw0);
-    for (int j = 0; j < nchunks; ++j) {
-        const float* cur = smem + (j & 1) * p.chunk_floats;
-        if (j + 1 < nchunks) {
-            stage_chunk(x, smem + ((j + 1) & 1) * p.chunk_floats, p, j + 1, blk.x, blk.y, n0, ih0, iw0);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+    if (j_first < j_last) {
+        int next_beg = rec[j_first];
+        int next_end = rec[j_first + 1];
+        stage_chunk(x, meta, smem, mbase, p, j_first, blk.x, blk.y, n0, ih0, iw0, next_beg, next_end);
+        next_beg = next_end;
+        next_end = j_first + 1 < j_last ? rec[j_first + 2] : next_end;
+        for (int j = j_first; j < j_last; ++j) {
+            const int buf = (j - j_first) & 1;
+            const float* cur = smem + buf * p.chunk_floats;
+            const int2* mcur = mbase + buf * p.record_max;
+            if (j + 1 < j_last) {
+                stage_chunk(x, meta, smem + (buf ^ 1) * p.chunk_floats, mbase + (buf ^ 1) * p.record_max,
+                            p, j + 1, blk.x, blk.y, n0, ih0, iw0, next_beg, next_end);
+                // Record bounds two chunks ahead, loaded now so the latency hides behind compute.
+                next_beg = next_end;
+                next_end = j + 2 < j_last ? rec[j + 3] : next_end;
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            __syncthreads();
+            const int* header = reinterpret_cast<const int*>(mcur);
 #pragma unroll
-        for (int kk = 0; kk < KW; ++kk) {
-            const int row = row0 + kk;
-            if (row < p.K) {
-                const int* seg = segptr + (long long)row * p.seg_stride + j;
-                const int beg = seg[0];
-                const int end = seg[1];
+            for (int kk = 0; kk < KW; ++kk) {
+                const int r = warp * KW + kk;
+                if (row0 + kk < p.K) {
+                    const int beg = p.header + header[r];
+                    const int end = p.header + header[r + 1];
 #pragma unroll 4
-                for (int e = beg; e < end; ++e) {
-                    const int2 m = __ldg(meta + e);
-                    const float v = __int_as_float(m.x);
+                    for (int e = beg; e < end; ++e) {
+                        const int2 m = mcur[e];
+                        const float v = __int_as_float(m.x);
 #pragma unroll
-                    for (int i = 0; i < P; ++i)
-                        acc[kk][i] = fmaf(v, cur[sbase[i] + m.y], acc[kk][i]);
+                        for (int i = 0; i < P; ++i)
+                            acc[kk][i] = fmaf(v, cur[sbase[i] + m.y], acc[kk][i]);
+                    }
                 }
             }
+            __syncthreads();
         }
-        __syncthreads();
     }
 
     const int plane = p.OH * p.OW;
+    float* const ws = reinterpret_cast<float*>(p.ws);
+    if (p.splits > 1) {
+        // Split over channel chunks: add partial sums in the workspace; the block that arrives
+        // last for this (tile, row block) applies the epilogue and leaves the workspace zeroed.
+#pragma unroll
+        for (int kk = 0; kk < KW; ++kk) {
+            const int row = row0 + kk;
+            if (row >= p.K) continue;
+            const int k = perm[row];
+#pragma unroll
+            for (int i = 0; i < P; ++i) {
+                const int jpx = lane + 32 * i;
+                const int nb = jpx / tile_pixels;
+                const int rem = jpx - nb * tile_pixels;
+                const int th = rem / p.TW;
+                const int tw = rem - th * p.TW;
+                const int n = n0 + nb;
+                const int oh = oh0 + th;
+                const int ow = ow0 + tw;
+                if (nb < p.NB && n < p.N && oh < p.OH && ow < p.OW)
+                    atomicAdd(ws + ((long long)n * p.K + k) * plane + oh * p.OW + ow, acc[kk][i]);
+            }
+        }
+        __threadfence();
+        __syncthreads();
+        __shared__ int last_arrival;
+        if (threadIdx.x == 0) {
+            int* counter = reinterpret_cast<int*>(p.counters) + blockIdx.y * gridDim.x + blockIdx.x;
+            last_arrival = atomicAdd(counter, 1) == p.splits - 1;
+            if (last_arrival) *counter = 0;
+        }
+        __syncthreads();
+        if (!last_arrival) return;
+        __threadfence();
+    }
+
 #pragma unroll
     for (int kk = 0; kk < KW; ++kk) {
         const int row = row0 + kk;
@@ -170,7 +234,12 @@ __global__ void __launch_bounds__(256) escort_conv(
             const int ow = ow0 + tw;
             if (nb < p.NB && n < p.N && oh < p.OH && ow < p.OW) {
                 const long long o = ((long long)n * p.K + k) * plane + oh * p.OW + ow;
-                float v = acc[kk][i] + b;
+                float v = acc[kk][i];
+                if (p.splits > 1) {
+                    v = __ldcg(ws + o);
+                    ws[o] = 0.0f;
+                }
+                v += b;
                 if (res) v += res[o];
                 if (p.act == 1) v = fmaxf(v, 0.0f);
                 else if (p.act == 2) v = fminf(fmaxf(v, 0.0f), 6.0f);
@@ -181,7 +250,7 @@ __global__ void __launch_bounds__(256) escort_conv(
 }
 
 // The paper's code shape, for the benchmark only. xpad is the explicitly padded input.
-extern "C" __global__ void __launch_bounds__(256) sconv_shm_port(
+extern "C" __global__ void sconv_shm_port(
     const float* __restrict__ xpad, float* __restrict__ out,
     const int* __restrict__ rowptr, const int* __restrict__ colidx,
     const float* __restrict__ values, const float* __restrict__ bias,

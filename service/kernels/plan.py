@@ -91,6 +91,10 @@ class SparseConvPlan:
         return 1.0 - self._sparse.nnz / max(1, self._sparse.numel)
 
     @property
+    def density(self) -> float:
+        return 1.0 - self.sparsity
+
+    @property
     def out_channels(self) -> int:
         return self.weight_shape[0]
 
@@ -151,16 +155,16 @@ class SparseConvPlan:
         if self._uses_cuda_kernel():
             cuda_backend.get_kernel(self.device.index, cuda_backend.PORT_NAME)  # compile now
             for n in batch_sizes or PREPARED_BATCHES:
-                config = _default_config(entry.geometry, int(n))
+                config = _default_config(entry.geometry, int(n), self.density)
                 self._meta(entry, config)
                 entry.by_batch[int(n)] = config
         return self
 
-    def tune(
-        self, input_hw: tuple[int, int], batch: int, reps: int = 15
-    ) -> dict[TileConfig, float]:
-        """Times every candidate config at this size (CUDA events, median of `reps`), keeps the
-        fastest for (input_hw, batch) and returns the times in ms. Syncs: never inside capture."""
+    def tune(self, input_hw: tuple[int, int], batch: int, reps: int = 5) -> dict[TileConfig, float]:
+        """Times every candidate config at this size and keeps the fastest for (input_hw,
+        batch); returns milliseconds per launch. Each candidate runs from a CUDA graph of
+        back-to-back launches, so host overhead does not hide kernel differences. Syncs and
+        captures: call it at load time, never inside a capture."""
         self._require_cuda_kernel()
         hw = (int(input_hw[0]), int(input_hw[1]))
         entry = self._prepare_geometry(hw)
@@ -168,20 +172,9 @@ class SparseConvPlan:
         x = torch.randn(batch, g.in_channels, *hw, device=self.device)
         out = torch.empty(batch, g.out_channels, *g.output_hw, device=self.device)
         times: dict[TileConfig, float] = {}
-        for config in candidate_configs(g, batch):
+        for config in candidate_configs(g, batch, self.density):
             launch = self._launch(entry, batch, None, config)
-            for _ in range(3):
-                cuda_backend.run_launch(launch, x, out, None)
-            samples = []
-            for _ in range(reps):
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                cuda_backend.run_launch(launch, x, out, None)
-                end.record()
-                end.synchronize()
-                samples.append(start.elapsed_time(end))
-            times[config] = sorted(samples)[len(samples) // 2]
+            times[config] = _time_launches(launch, x, out, replays=reps)
         best = min(times, key=times.__getitem__)
         self._tuned[(hw[0], hw[1], batch)] = best
         self._fast.clear()
@@ -196,7 +189,7 @@ class SparseConvPlan:
         entry = self._geometries.get(hw)
         if entry is not None and batch in entry.by_batch:
             return entry.by_batch[batch]
-        config = _default_config(self.geometry(hw), batch)
+        config = _default_config(self.geometry(hw), batch, self.density)
         if entry is None or config in entry.metas or not _capturing():
             return config
         # Inside a capture no metadata can be uploaded: use the nearest prepared batch's.
@@ -331,6 +324,8 @@ class SparseConvPlan:
         key = (batch, activation, config)
         launch = entry.launches.get(key)
         if launch is None:
+            if _capturing():
+                raise RuntimeError("prepare the plan for this batch size before graph capture")
             launch = cuda_backend.prepare_launch(
                 entry.geometry,
                 self._meta(entry, config),
@@ -341,6 +336,32 @@ class SparseConvPlan:
             )
             entry.launches[key] = launch
         return launch
+
+
+def _time_launches(
+    launch: Any, x: torch.Tensor, out: torch.Tensor, replays: int = 5, per_graph: int = 10
+) -> float:
+    """Median milliseconds per launch, over replays of a graph of `per_graph` launches."""
+    side = torch.cuda.Stream(x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            cuda_backend.run_launch(launch, x, out, None)
+    torch.cuda.current_stream(x.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(per_graph):
+            cuda_backend.run_launch(launch, x, out, None)
+    samples = []
+    for _ in range(max(1, replays)):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / per_graph)
+    return sorted(samples)[len(samples) // 2]
 
 
 def _capturing() -> bool:

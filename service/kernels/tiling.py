@@ -5,21 +5,24 @@ images x `TH` x `TW`. The input window of the tile (halo and zero padding includ
 shared memory `CC` channels at a time; offsets into that window are the stretched-CSR offsets of
 the paper, taken against the window's own padded plane (TIH x TIW) instead of the whole image's.
 Each warp owns `KW` rows and each lane `P` pixels (pixel j = lane + 32 * i), so one (value,
-offset) pair loaded by a warp feeds P FMAs per lane, and one staged activation feeds every row of
-the block that has a nonzero on it.
+offset) pair read by a warp feeds P FMAs per lane, and one staged activation feeds every row of
+the block that has a nonzero on it. When a layer has too few (tile, row block) pairs to fill the
+GPU (batch 1, small maps), the channel chunks are split over `S` blocks whose partial sums meet
+in a workspace.
 
 Rows are sorted by nonzero count (for groups == 1), so the warps of a block finish their chunks
-together. The metadata per (geometry, config):
-  meta    int32 [nnz, 2]   (float bits of the value, offset into the staged window)
-  segptr  int32 [K, S]     start of chunk j of sorted row p in `meta` (S = max chunks + 1)
-  perm    int32 [K]        the output channel of sorted row p
+together. The metadata per (geometry, config), staged with each chunk by cp.async:
+  meta    int32 [M, 2]  one record per (row block, chunk): a header of KB + 1 row offsets
+                        (packed two per slot), then (float bits of value, window offset) pairs
+  recptr  int32 [KBLK, R]  start of each record in `meta` (R = max chunks + 1)
+  perm    int32 [K]     the output channel of sorted row p
   blocks  int32 [KBLK, 2]  first input channel and channel count staged by each row block
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,8 +32,12 @@ from service.kernels.stretched_csr import ConvGeometry, SparseWeight
 PIXELS_PER_LANE = (2, 4, 8)
 ROWS_PER_WARP = (1, 2, 4, 8)
 MAX_ACCUMULATORS = 32
-# Two staging buffers of this many floats each (2 x 24 KB, under the 48 KB default limit).
-STAGE_FLOATS = 6144
+# Dynamic shared memory per block: two (input chunk + metadata record) buffers, under the 48 KB
+# a kernel gets without opting in (a little is left for the kernel's static shared memory).
+SHARED_BYTES = 48 * 1024 - 256
+# Input floats per staging buffer when choosing the chunk size (the rest is for metadata).
+STAGE_FLOATS = 4608
+MAX_SPLITS = 16
 # Enough blocks to keep every SM of an H100 (132) busy with two resident blocks.
 TARGET_BLOCKS = 264
 
@@ -44,6 +51,7 @@ class TileConfig:
     tile_h: int  # TH
     tile_w: int  # TW
     chunk_channels: int  # CC
+    splits: int = 1  # S: blocks sharing one (tile, row block), each with a run of chunks
 
     def __post_init__(self) -> None:
         if self.pixels_per_lane not in PIXELS_PER_LANE or self.rows_per_warp not in ROWS_PER_WARP:
@@ -54,6 +62,8 @@ class TileConfig:
             raise ValueError(f"tile larger than a warp's pixels in {self}")
         if not 1 <= self.warps <= 8:
             raise ValueError(f"1..8 warps per block, got {self.warps}")
+        if not 1 <= self.splits <= MAX_SPLITS:
+            raise ValueError(f"1..{MAX_SPLITS} splits, got {self.splits}")
 
     @property
     def rows_per_block(self) -> int:
@@ -87,6 +97,14 @@ class TileConfig:
     def row_blocks(self, geometry: ConvGeometry) -> int:
         return -(-geometry.out_channels // self.rows_per_block)
 
+    def header_slots(self) -> int:
+        """int2 slots that hold a record's KB + 1 row offsets."""
+        return (self.rows_per_block + 2) // 2
+
+    def blocks(self, geometry: ConvGeometry, batch: int) -> int:
+        n_t, h_t, w_t = self.tiles(geometry, batch)
+        return n_t * h_t * w_t * self.row_blocks(geometry)
+
 
 def _tile_for(geometry: ConvGeometry, batch: int, p: int) -> tuple[int, int, int]:
     """(NB, TH, TW) for P pixels per lane: the tile that wastes the fewest lanes, then the one
@@ -112,11 +130,27 @@ def _tile_for(geometry: ConvGeometry, batch: int, p: int) -> tuple[int, int, int
     return (1, best[2], best[3])
 
 
+def _record_estimate(kb: int, cc: int, geometry: ConvGeometry, density: float) -> int:
+    """Metadata entries expected in the fullest record of a chunk (a margin over the mean)."""
+    r, s = geometry.kernel_size
+    return int(kb * cc * r * s * min(1.0, 1.25 * density + 0.02)) + kb // 2 + 2
+
+
+def fits_shared(chunk_floats: int, record_max: int) -> bool:
+    return 2 * (4 * chunk_floats + 8 * record_max) <= SHARED_BYTES
+
+
 def make_config(
-    geometry: ConvGeometry, batch: int, p: int, rows_per_block: int
+    geometry: ConvGeometry,
+    batch: int,
+    p: int,
+    rows_per_block: int,
+    density: float = 1.0,
+    splits: int | None = None,
 ) -> TileConfig | None:
-    """The config with P pixels per lane and about `rows_per_block` rows, or None if it cannot
-    be built (too many accumulators, or a window too large to stage)."""
+    """The config with P pixels per lane and `rows_per_block` rows, or None if it cannot be
+    built (too many accumulators, or a window too large to stage). `density` (nonzeros per
+    weight) sizes the metadata buffer; `splits` None picks enough splits to fill the GPU."""
     nb, th, tw = _tile_for(geometry, batch, p)
     warps = max(1, min(8, rows_per_block))
     kw = max(1, rows_per_block // warps)
@@ -124,11 +158,23 @@ def make_config(
         return None
     (r, s), (dh, dw), (sh, sw) = geometry.kernel_size, geometry.dilation, geometry.stride
     per_channel = nb * ((th - 1) * sh + (r - 1) * dh + 1) * ((tw - 1) * sw + (s - 1) * dw + 1)
-    if per_channel > STAGE_FLOATS:
-        return None
-    span = _max_block_span(geometry, warps * kw)
+    kb = warps * kw
+    span = _max_block_span(geometry, kb)
     cc = max(1, min(span, STAGE_FLOATS // per_channel))
-    return TileConfig(p, kw, warps, nb, th, tw, cc)
+    while cc > 1 and not fits_shared(cc * per_channel, _record_estimate(kb, cc, geometry, density)):
+        cc = max(1, cc * 3 // 4)
+    if not fits_shared(cc * per_channel, _record_estimate(kb, cc, geometry, density)):
+        return None
+    config = TileConfig(p, kw, warps, nb, th, tw, cc)
+    chunks = -(-span // cc)
+    if splits is None:
+        blocks = config.blocks(geometry, batch)
+        splits = 1 if blocks >= TARGET_BLOCKS else -(-TARGET_BLOCKS // blocks)
+    splits = max(1, min(splits, MAX_SPLITS, span))
+    if splits > chunks:  # smaller chunks, so that every split has one
+        cc = -(-span // splits)
+        splits = -(-span // cc)
+    return TileConfig(p, kw, warps, nb, th, tw, cc, splits)
 
 
 def _max_block_span(geometry: ConvGeometry, rows_per_block: int) -> int:
@@ -140,66 +186,84 @@ def _max_block_span(geometry: ConvGeometry, rows_per_block: int) -> int:
     return groups * cg
 
 
-def default_config(geometry: ConvGeometry, batch: int) -> TileConfig:
+def default_config(geometry: ConvGeometry, batch: int, density: float = 1.0) -> TileConfig:
     """A config chosen from the shape alone (no timing)."""
     oh, ow = geometry.output_hw
     pixels = oh * ow
-    if pixels <= 64 and batch == 1:
+    if pixels <= 64 or batch * pixels <= 64 * 16:
         p = 2
     elif pixels <= 256 and batch * pixels <= 256:
         p = 8
     else:
         p = 4
-    for kb in (64, 32, 16, 8, 4):
-        config = make_config(geometry, batch, p, kb)
+    for kb in (32, 16, 8):
+        config = make_config(geometry, batch, p, kb, density, splits=1)
         if config is None:
             continue
-        n_t, h_t, w_t = config.tiles(geometry, batch)
-        if kb == 4 or n_t * h_t * w_t * config.row_blocks(geometry) >= TARGET_BLOCKS:
+        if config.blocks(geometry, batch) >= TARGET_BLOCKS:
+            return config
+    for kb in (16, 8, 4):
+        config = make_config(geometry, batch, p, kb, density)
+        if config is not None:
             return config
     raise ValueError(f"no kernel configuration fits {geometry}")  # pragma: no cover
 
 
-def candidate_configs(geometry: ConvGeometry, batch: int) -> list[TileConfig]:
+def candidate_configs(geometry: ConvGeometry, batch: int, density: float = 1.0) -> list[TileConfig]:
     """The configs worth timing for this shape, the default first."""
-    seen = [default_config(geometry, batch)]
+    seen = [default_config(geometry, batch, density)]
     for p in PIXELS_PER_LANE:
         for kb in (4, 8, 16, 32, 64):
-            config = make_config(geometry, batch, p, kb)
-            if config is not None and config not in seen:
-                seen.append(config)
+            for splits in (1, None):
+                config = make_config(geometry, batch, p, kb, density, splits)
+                if config is not None and config not in seen:
+                    seen.append(config)
     return seen
 
 
 @dataclass(frozen=True)
 class EscortMeta:
-    config: TileConfig
+    config: TileConfig  # as built: the chunk size may be smaller than the one asked for
     window: tuple[int, int]  # (TIH, TIW)
-    meta: torch.Tensor  # int32 [nnz, 2]
-    segptr: torch.Tensor  # int32 [K, seg_stride]
+    meta: torch.Tensor  # int32 [M, 2]
+    recptr: torch.Tensor  # int32 [KBLK, rec_stride]
     perm: torch.Tensor  # int32 [K]
     blocks: torch.Tensor  # int32 [KBLK, 2]
-    seg_stride: int
+    rec_stride: int
+    record_max: int  # int2 slots of the longest record
 
     def to(self, device: torch.device | str) -> EscortMeta:
         return EscortMeta(
             config=self.config,
             window=self.window,
             meta=self.meta.to(device),
-            segptr=self.segptr.to(device),
+            recptr=self.recptr.to(device),
             perm=self.perm.to(device),
             blocks=self.blocks.to(device),
-            seg_stride=self.seg_stride,
+            rec_stride=self.rec_stride,
+            record_max=self.record_max,
         )
 
 
 def build_meta(weight: SparseWeight, geometry: ConvGeometry, config: TileConfig) -> EscortMeta:
-    """The kernel's metadata for one (geometry, config); CPU tensors."""
+    """The kernel's metadata for one (geometry, config); CPU tensors. Shrinks the chunk when a
+    record would not fit in shared memory."""
+    while True:
+        meta = _build_meta(weight, geometry, config)
+        if fits_shared(config.chunk_floats(geometry), meta.record_max):
+            return meta
+        if config.chunk_channels == 1:
+            raise ValueError(f"{config} cannot stage one channel of {geometry}")
+        config = replace(config, chunk_channels=max(1, config.chunk_channels * 3 // 4))
+
+
+def _build_meta(weight: SparseWeight, geometry: ConvGeometry, config: TileConfig) -> EscortMeta:
     k_out, kg, cg = geometry.out_channels, geometry.outputs_per_group, geometry.channels_per_group
     kb = config.rows_per_block
     tih, tiw = config.window(geometry)
     cc = config.chunk_channels
     dh, dw = geometry.dilation
+    header = config.header_slots()
 
     counts = weight.row_nnz
     if geometry.groups == 1:
@@ -216,42 +280,53 @@ def build_meta(weight: SparseWeight, geometry: ConvGeometry, config: TileConfig)
         g_lo, g_hi = first_row // kg, last_row // kg
         blocks = torch.stack([g_lo * cg, (g_hi - g_lo + 1) * cg], 1)
     max_chunks = int(math.ceil(int(blocks[:, 1].max()) / cc))
-    seg_stride = max_chunks + 1
 
-    # Reorder the nonzeros by sorted row; each row keeps its (c, r, s) order.
-    sorted_counts = counts[perm]
-    new_ptr = torch.zeros(k_out + 1, dtype=torch.int64)
-    torch.cumsum(sorted_counts, 0, out=new_ptr[1:])
     pos_of_row = torch.empty(k_out, dtype=torch.int64)
     pos_of_row[perm] = torch.arange(k_out)
-    nnz = weight.nnz
-    entry_rank = torch.arange(nnz) - weight.rowptr[weight.rows]  # index within its row
-    order = torch.empty(nnz, dtype=torch.int64)
-    order[new_ptr[pos_of_row[weight.rows]] + entry_rank] = torch.arange(nnz)
-
-    rows = weight.rows[order]
-    pos = pos_of_row[rows]
-    block_first = blocks[pos // kb, 0]
-    chan_abs = (rows // kg) * cg + weight.chans[order]
-    rel = chan_abs - block_first
+    pos = pos_of_row[weight.rows]  # sorted row of every nonzero
+    block = pos // kb
+    chan_abs = (weight.rows // kg) * cg + weight.chans
+    rel = chan_abs - blocks[block, 0]
     chunk, local = rel // cc, rel % cc
-    offset = (local * tih + weight.taps_r[order] * dh) * tiw + weight.taps_s[order] * dw
-    meta = torch.stack([weight.values[order].view(torch.int32).to(torch.int64), offset], 1).to(
-        torch.int32
-    )
+    offset = (local * tih + weight.taps_r * dh) * tiw + weight.taps_s * dw
+    record = block * max_chunks + chunk
+    row_in_block = pos % kb
+    # Group by record, then row; stable, so each row keeps its (c, r, s) order.
+    order = torch.sort(record * kb + row_in_block, stable=True).indices
 
-    # segptr[p, j] = first entry of sorted row p whose chunk is >= j.
-    seg_rows = pos * seg_stride + chunk + 1
-    seg_counts = torch.bincount(seg_rows, minlength=k_out * seg_stride).view(k_out, seg_stride)
-    segptr = new_ptr[:-1, None] + torch.cumsum(seg_counts, 1)
+    n_records = n_blocks * max_chunks
+    per_row = torch.bincount(record * kb + row_in_block, minlength=n_records * kb)
+    per_row = per_row.view(n_records, kb)
+    lengths = header + per_row.sum(1)
+    starts = torch.zeros(n_records + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=starts[1:])
+
+    meta = torch.zeros(int(starts[-1]), 2, dtype=torch.int32)
+    row_offsets = torch.zeros(n_records, 2 * header, dtype=torch.int64)
+    torch.cumsum(per_row, 1, out=row_offsets[:, 1 : kb + 1])
+    slots = torch.arange(header)
+    meta[(starts[:-1, None] + slots[None, :]).reshape(-1)] = row_offsets.view(-1, 2).to(torch.int32)
+
+    sorted_record = record[order]
+    first_in_record = torch.zeros(n_records + 1, dtype=torch.int64)
+    torch.cumsum(lengths - header, 0, out=first_in_record[1:])
+    rank = torch.arange(weight.nnz) - first_in_record[sorted_record]
+    where = starts[sorted_record] + header + rank
+    meta[where, 0] = weight.values[order].view(torch.int32)
+    meta[where, 1] = offset[order].to(torch.int32)
+
+    recptr = torch.cat(
+        [starts[:-1].view(n_blocks, max_chunks), starts[1:].view(n_blocks, max_chunks)[:, -1:]], 1
+    )
     return EscortMeta(
         config=config,
         window=(tih, tiw),
-        meta=meta.contiguous(),
-        segptr=segptr.to(torch.int32).contiguous(),
+        meta=meta,
+        recptr=recptr.to(torch.int32).contiguous(),
         perm=perm.to(torch.int32),
         blocks=blocks.to(torch.int32).contiguous(),
-        seg_stride=seg_stride,
+        rec_stride=max_chunks + 1,
+        record_max=int(lengths.max()),
     )
 
 

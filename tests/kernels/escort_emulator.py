@@ -1,8 +1,8 @@
 """A numpy model of escort_conv's indexing, block by block, for CPU tests.
 
 It reads the same metadata and parameter struct as the CUDA kernel and mirrors its steps: the
-tile decode, the staging loop (with the kernel's magic-number division), the per-lane pixel bases,
-the per-chunk segments and the epilogue. Arithmetic is vectorized, so only the indexing is
+tile decode, the staging loop (with the kernel's magic-number division), the metadata records
+and their headers, the per-lane pixel bases, the split over chunks and the epilogue. Arithmetic is vectorized, so only the indexing is
 modelled exactly. Shared-memory reads outside the staged chunk raise instead of reading garbage.
 """
 
@@ -30,10 +30,11 @@ def emulate(
 ) -> torch.Tensor:
     cfg = meta.config
     xs = x.double().numpy()
-    entries = meta.meta.numpy()
-    values = entries[:, 0].copy().view(np.float32).astype(np.float64)
-    offsets = entries[:, 1].astype(np.int64)
-    segptr = meta.segptr.numpy().reshape(-1)
+    records = meta.meta.numpy()
+    flat_ints = records.reshape(-1)
+    values = records[:, 0].copy().view(np.float32).astype(np.float64)
+    offsets = records[:, 1].astype(np.int64)
+    recptr = meta.recptr.numpy().reshape(-1)
     perm = meta.perm.numpy()
     blocks = meta.blocks.numpy()
     n_img, c_in, h, w = xs.shape
@@ -69,25 +70,34 @@ def emulate(
         for by in range(len(blocks)):
             c_first, c_count = (int(v) for v in blocks[by])
             nchunks = -(-c_count // p["CC"])
+            per_split = -(-nchunks // p["splits"])
             acc = np.zeros((rows_per_block, cfg.pixels_per_lane, 32))
-            for j in range(nchunks):
-                c0 = c_first + j * p["CC"]
-                cn = min(p["CC"], c_count - j * p["CC"])
-                n, gh, gw = n0 + s_nb, ih0 + ih, iw0 + iw
-                ok = (s_cl < cn) & (n < n_img) & (gh >= 0) & (gh < h) & (gw >= 0) & (gw < w)
-                buf = np.zeros(p["chunk_floats"])
-                buf[ok] = xs[n[ok], c0 + s_cl[ok], gh[ok], gw[ok]]
-                for r in range(rows_per_block):
-                    row = by * rows_per_block + r
-                    if row >= k_out:
-                        continue
-                    beg, end = segptr[row * p["seg_stride"] + j : row * p["seg_stride"] + j + 2]
-                    if end <= beg:
-                        continue
-                    idx = sbase[None] + offsets[beg:end, None, None]
-                    if idx.min() < 0 or idx.max() >= p["chunk_floats"]:
-                        raise IndexError(f"shared read outside the chunk (block {bx},{by})")
-                    acc[r] += (values[beg:end, None, None] * buf[idx]).sum(0)
+            for bz in range(p["splits"]):
+                for j in range(bz * per_split, min(nchunks, (bz + 1) * per_split)):
+                    c0 = c_first + j * p["CC"]
+                    cn = min(p["CC"], c_count - j * p["CC"])
+                    n, gh, gw = n0 + s_nb, ih0 + ih, iw0 + iw
+                    ok = (s_cl < cn) & (n < n_img) & (gh >= 0) & (gh < h) & (gw >= 0) & (gw < w)
+                    buf = np.zeros(p["chunk_floats"])
+                    buf[ok] = xs[n[ok], c0 + s_cl[ok], gh[ok], gw[ok]]
+                    rec_beg = recptr[by * p["rec_stride"] + j]
+                    rec_end = recptr[by * p["rec_stride"] + j + 1]
+                    if rec_end - rec_beg > p["record_max"]:
+                        raise IndexError("record longer than the shared buffer")
+                    header = flat_ints[2 * rec_beg : 2 * rec_beg + rows_per_block + 1]
+                    for r in range(rows_per_block):
+                        if by * rows_per_block + r >= k_out:
+                            continue
+                        beg = rec_beg + p["header"] + header[r]
+                        end = rec_beg + p["header"] + header[r + 1]
+                        if end > rec_end or beg > end:
+                            raise IndexError("row segment outside its record")
+                        if end == beg:
+                            continue
+                        idx = sbase[None] + offsets[beg:end, None, None]
+                        if idx.min() < 0 or idx.max() >= p["chunk_floats"]:
+                            raise IndexError(f"shared read outside the chunk (block {bx},{by})")
+                        acc[r] += (values[beg:end, None, None] * buf[idx]).sum(0)
             for r in range(rows_per_block):
                 row = by * rows_per_block + r
                 if row >= k_out:

@@ -55,10 +55,30 @@ def test_every_candidate_config(seed: int) -> None:
     hw, n = tuple(case.x.shape[2:]), case.x.shape[0]
     geometry = plan.geometry(hw)
     expected = case.expected()
-    for config in candidate_configs(geometry, n):
+    for config in candidate_configs(geometry, n, plan.density):
         plan._tuned[(hw[0], hw[1], n)] = config
         plan._fast.clear()
         y = _run(plan, case, _poisoned(plan, case.x))
+        assert_matches(y, expected)
+
+
+def test_split_workspace_is_left_clean() -> None:
+    """Split configs share a workspace across calls; every call must start from zeros."""
+    gen = torch.Generator().manual_seed(17)
+    weight = prune(torch.randn(40, 96, 3, 3, generator=gen), 0.8, gen).cuda()
+    plan = SparseConvPlan(weight, torch.randn(40, generator=gen).cuda(), padding=1)
+    geometry = plan.geometry((7, 9))
+    splits = [c for c in candidate_configs(geometry, 2, plan.density) if c.splits > 1]
+    assert splits
+    plan._tuned[(7, 9, 2)] = splits[0]
+    expected = None
+    for _ in range(3):
+        x = torch.randn(2, 96, 7, 9, generator=gen).cuda()
+        out = torch.full((2, 40, 7, 9), float("nan"), device="cuda")
+        y = plan(x, activation="relu", impl="cuda", out=out)
+        expected = torch.nn.functional.conv2d(
+            x.double(), weight.double(), plan._bias.double(), padding=1
+        ).clamp(min=0)
         assert_matches(y, expected)
 
 

@@ -50,7 +50,7 @@ def test_emulated_kernel_matches_conv2d(seed: int) -> None:
     picks = [configs[0], random.Random(seed).choice(configs)]
     for config in picks:
         meta = build_meta(sparse, geometry, config)
-        params = kernel_params(geometry, meta, None, n, case.activation)
+        params = kernel_params(geometry, meta, n, case.activation)
         y = emulate(case.x, meta, params, case.bias, case.residual)
         assert_matches(y, case.expected(), rel=1e-9)
 
@@ -64,8 +64,8 @@ def test_emulated_kernel_with_many_channel_chunks() -> None:
     expected = torch.nn.functional.conv2d(x.double(), weight.double(), padding=1)
     for config in candidate_configs(geometry, 2)[:5]:
         meta = build_meta(sparse, geometry, config)
-        assert meta.seg_stride > 2  # several chunks really happen
-        y = emulate(x, meta, kernel_params(geometry, meta, None, 2, None), None, None)
+        assert meta.rec_stride > 2  # several chunks really happen
+        y = emulate(x, meta, kernel_params(geometry, meta, 2, None), None, None)
         assert_matches(y, expected, rel=1e-9)
 
 
@@ -76,7 +76,7 @@ def test_configs_fit_the_kernel(shape, batch) -> None:
     geometry = make_geometry((k, c, r, r), (h, h), stride, pad)
     for config in candidate_configs(geometry, batch):
         assert config.pixels_per_lane * config.rows_per_warp <= MAX_ACCUMULATORS
-        assert config.chunk_floats(geometry) <= STAGE_FLOATS
+        assert config.chunk_floats(geometry) <= STAGE_FLOATS or config.chunk_channels == 1
         assert config.images * config.tile_h * config.tile_w <= 32 * config.pixels_per_lane
         assert 1 <= config.chunk_channels <= c
     default = default_config(geometry, batch)
@@ -92,10 +92,14 @@ def test_rows_are_sorted_by_nonzeros_and_metadata_is_consistent() -> None:
     meta = build_meta(sparse, geometry, default_config(geometry, 1))
     counts = sparse.row_nnz[meta.perm.long()]
     assert torch.all(counts[:-1] >= counts[1:])
-    seg = meta.segptr.long()
-    assert torch.all(seg[:, 1:] >= seg[:, :-1])
-    assert int(seg[-1, -1]) == sparse.nnz and int(seg[0, 0]) == 0
-    values = meta.meta[:, 0].view(torch.float32)
+    rec = meta.recptr.long()
+    assert torch.all(rec[:, 1:] >= rec[:, :-1])
+    assert int(rec[-1, -1]) == meta.meta.shape[0] and int(rec[0, 0]) == 0
+    header = meta.config.header_slots()
+    is_entry = torch.ones(meta.meta.shape[0], dtype=torch.bool)
+    for start in rec[:, :-1].reshape(-1).tolist():
+        is_entry[start : start + header] = False
+    values = meta.meta[is_entry, 0].view(torch.float32)
     assert torch.equal(torch.sort(values).values, torch.sort(sparse.values).values)
 
 

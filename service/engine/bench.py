@@ -299,7 +299,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--configs", type=_csv, default=DEFAULT_CONFIGS, help=", ".join(CONFIGS))
     p.add_argument("--batches", type=_csv, default=tuple(map(str, DEFAULT_BATCHES)))
     p.add_argument("--reps", type=int, default=30, help="timed runs per measurement (max)")
-    p.add_argument("--budget-s", type=float, default=2.0, help="time cap per measurement")
+    p.add_argument("--budget-s", type=float, default=1.0, help="time cap per measurement (s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-graphs", action="store_true", help="eager runs, no CUDA graphs")
     p.add_argument("--models-dir", default="models")

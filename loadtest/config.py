@@ -39,6 +39,8 @@ class LoadtestConfig:
     protocols: tuple[str, ...] = PROTOCOLS
     # Images in each request.
     images_per_request: int = 1
+    # Load generator processes (Locust workers); one process drives about one CPU core of HTTP.
+    processes: int = 1
     # Most requests sent over the whole run; split evenly over the steps.
     max_requests: int = 100_000
     # Seconds at the start of each step that are not measured (users connect, queues fill).
@@ -154,6 +156,7 @@ def load_config(env: Mapping[str, str] | None = None) -> LoadtestConfig:
         compare=_flag(env, "LOADTEST_COMPARE"),
         protocols=protocols,
         images_per_request=int(_number(env, "LOADTEST_IMAGES_PER_REQUEST", int, 1, 1)),
+        processes=int(_number(env, "LOADTEST_PROCESSES", int, 1, 1)),
         max_requests=int(_number(env, "LOADTEST_MAX_REQUESTS", int, default.max_requests, 1)),
         settle_s=_number(env, "LOADTEST_SETTLE_S", float, default.settle_s, 0.0),
         timeout_s=_number(env, "LOADTEST_TIMEOUT_S", float, default.timeout_s, 0.1),

@@ -21,17 +21,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 import gevent
-from locust import events
-from locust.env import Environment
 
 from loadtest import locustfile
 from loadtest.config import LoadtestConfig, LoadtestConfigError, load_config
+from loadtest.drivers import DistributedDriver, LocalDriver
 from loadtest.plots import write_plots
 from loadtest.promtext import Scrape, delta_all, scrape_all
 from loadtest.report import build_report, side_by_side_markdown, step_summary, write_report
 
 POLL_S = 0.05
-MAX_SPAWN_RATE = 100.0  # Locust warns above this
+Driver = LocalDriver | DistributedDriver
 
 
 def log(message: str) -> None:
@@ -64,45 +63,23 @@ def _scrape(config: LoadtestConfig) -> list[Scrape]:
     return scrape_all(config.scrape_urls, timeout_s=10.0, api_key=config.api_key)
 
 
-def _user_classes(config: LoadtestConfig) -> list[type]:
-    by_protocol = {
-        locustfile.V1: locustfile.V1MultipartUser,
-        locustfile.V2: locustfile.V2BinaryUser,
-    }
-    return [by_protocol[p] for p in config.protocols]
-
-
 def run_step(
-    runner: Any,
-    plan: locustfile.LoadPlan,
-    index: int,
-    users: int,
-    step_s: float,
-    settle_s: float,
-    budget: int,
+    driver: Driver, config: LoadtestConfig, index: int, users: int, step_s: float, settle_s: float
 ) -> tuple[float, list[locustfile.Sample], list[Scrape], list[Scrape]]:
     """Ramp to `users`, settle, then measure; returns the measured window, its samples and the
     scrapes that bracket it."""
-    config = plan.config
     step_start = time.monotonic()
-    plan.step, plan.budget = -1, budget
-    runner.start(users, spawn_rate=min(MAX_SPAWN_RATE, max(1.0, users * 4.0)))
-    if runner.spawning_greenlet is not None:
-        runner.spawning_greenlet.join(timeout=max(1.0, step_s))
+    driver.spawn(users, timeout_s=max(1.0, step_s))
     gevent.sleep(max(0.0, settle_s - (time.monotonic() - step_start)))
     before = _scrape(config)
-    first = len(plan.samples)
-    plan.step = index
+    driver.open(index)
     window_start = time.monotonic()
     deadline = step_start + step_s
-    while time.monotonic() < deadline:
-        if plan.budget <= 0 and plan.inflight == 0:
-            break  # the step's request budget is spent and every answer is in
+    while time.monotonic() < deadline and not driver.finished():
         gevent.sleep(POLL_S)
     window_s = time.monotonic() - window_start
-    plan.step = -1
+    samples = driver.close(index)
     after = _scrape(config)
-    samples = [s for s in plan.samples[first:] if s.step == index]
     return window_s, samples, before, after
 
 
@@ -127,23 +104,19 @@ def run(config: LoadtestConfig) -> int:
         f"(first {settle_s:.1f} s not measured), at most {budget} requests each"
     )
 
-    environment = Environment(
-        user_classes=_user_classes(config),
-        host=config.urls[0],
-        events=events,
-        stop_timeout=config.timeout_s + 1.0,
+    driver: Driver = (
+        DistributedDriver(plan, config.processes) if config.processes > 1 else LocalDriver(plan)
     )
-    runner = environment.create_local_runner()
     steps: list[dict[str, Any]] = []
     first_scrape: list[Scrape] | None = None
     last_scrape: list[Scrape] = []
     try:
         for phase in phases:
-            plan.fixed_backend = phase
             for users in config.users:
                 index = len(steps)
+                driver.prepare(budget, phase)
                 window_s, samples, before, after = run_step(
-                    runner, plan, index, users, step_s, settle_s, budget
+                    driver, config, index, users, step_s, settle_s
                 )
                 first_scrape = before if first_scrape is None else first_scrape
                 last_scrape = after
@@ -159,9 +132,8 @@ def run(config: LoadtestConfig) -> int:
                     f"p50 {lat['p50'] or 0:.1f} ms, p99 {lat['p99'] or 0:.1f} ms, "
                     f"errors {summary['errors'] or 'none'}"
                 )
-            runner.stop()
     finally:
-        runner.quit()
+        driver.quit()
 
     run_delta = delta_all(first_scrape or [], last_scrape) if first_scrape else {}
     report = build_report(
@@ -175,10 +147,7 @@ def run(config: LoadtestConfig) -> int:
         started_at,
         time.monotonic() - wall_start,
     )
-    if runner.exceptions:
-        report["load_generator_exceptions"] = [
-            {"count": e["count"], "msg": e["msg"]} for e in runner.exceptions.values()
-        ]
+    report["load_generator"] = {"processes": driver.processes, "errors": driver.exceptions()}
     report["plots"] = write_plots(report, config.out, config.plot_layers)
     json_path, md_path = write_report(report, config.out)
     print(side_by_side_markdown(report))

@@ -114,6 +114,32 @@ def test_compare_mode_is_bounded_in_requests(standin: Server, tmp_path: Path) ->
     assert "sparse img/s" in result.stdout and "dense img/s" in result.stdout
 
 
+def test_several_load_processes_report_every_request(standin: Server, tmp_path: Path) -> None:
+    out = tmp_path / "processes"
+    result = run_loadtest(
+        {
+            "LOADTEST_URL": standin.url,
+            "LOADTEST_DURATION_S": "6",
+            "LOADTEST_USERS": "2,4",
+            "LOADTEST_PROCESSES": "2",
+            "LOADTEST_MAX_REQUESTS": "400",
+            "LOADTEST_SETTLE_S": "0.5",
+            "LOADTEST_OUT": str(out),
+        }
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["load_generator"] == {"processes": 2, "errors": []}
+    seen = _seen(standin)
+    assert seen["inference"] <= 400 + 2  # each worker rounds its share up
+    for step in report["steps"]:
+        assert step["ok"] > 10 and step["errors"] == {}
+        # The workers' samples all reached the master: the server counted as many answers in
+        # the same window, give or take those that straddle its edges.
+        served = step["server"]["requests_by_code"]["200"]
+        assert step["ok"] == pytest.approx(served, abs=2 * step["users"])
+
+
 def test_refuses_a_target_that_is_not_loopback(tmp_path: Path) -> None:
     result = run_loadtest({"LOADTEST_URL": "http://192.0.2.10:8000", "LOADTEST_OUT": str(tmp_path)})
     assert result.returncode == 2

@@ -24,7 +24,7 @@ from service.api import health, v1, v2
 from service.api.middleware import ServiceMiddleware
 from service.api.state import ServiceState
 from service.batching import BatchQueue
-from service.config import ConfigError, Settings, load_settings
+from service.config import ConfigError, Settings, load_settings, unknown_environment_names
 from service.engine.protocol import Engine, EngineSpec
 from service.errors import register_error_handlers
 from service.metrics import ServiceMetrics
@@ -132,7 +132,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = ServiceMetrics(settings.max_batch_size)
         preprocessor = Preprocessor(
-            settings.preprocess_workers,
+            settings.preprocess_threads,
             settings.max_image_pixels,
             observe=lambda model, s: metrics.preprocess_duration.labels(model).observe(s),
         )
@@ -237,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for name in unknown_environment_names():
+        log.warning(
+            "%s is not a setting and is ignored (python -m service.config lists them)", name
+        )
     return serve(create_app(settings), settings)
 
 

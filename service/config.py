@@ -110,7 +110,7 @@ class Settings(BaseSettings):
     )
     cuda_graphs: bool = Field(True, description="Replay batches through CUDA graphs on the GPU.")
     preprocess_workers: int = Field(
-        4, ge=1, le=256, description="Threads that decode and resize images."
+        0, ge=0, le=256, description="Threads that decode and resize images; 0: one per CPU core."
     )
     drain_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM, longest wait for requests in flight to finish."
@@ -174,6 +174,11 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def preprocess_threads(self) -> int:
+        """The preprocessing pool size, with 0 resolved to the number of CPU cores."""
+        return self.preprocess_workers or min(32, os.cpu_count() or 1)
+
+    @property
     def loaded_backends(self) -> tuple[str, ...]:
         """Backends to keep loaded, the default first."""
         rest = tuple(b for b in self.backends if b != self.backend)
@@ -221,6 +226,16 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None
     except (OSError, ValueError) as exc:  # an unreadable or malformed TOML file
         raise ConfigError(f"{CONFIG_FILE_VAR}={config_file}: {exc}") from None
+
+
+def unknown_environment_names() -> list[str]:
+    """ESCORT_* variables that name no setting: most likely typos, worth a warning."""
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | {CONFIG_FILE_VAR}
+    return sorted(
+        name
+        for name in os.environ
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known
+    )
 
 
 def _default_text(name: str) -> str:

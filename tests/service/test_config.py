@@ -170,3 +170,19 @@ def test_readme_settings_table_matches_the_settings() -> None:
         "README.md's settings table is out of date: paste the output of "
         "`python -m service.config` into it"
     )
+
+
+def test_unknown_escort_variables_are_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.config import unknown_environment_names
+
+    monkeypatch.setenv("ESCORT_MAX_BATCH", "8")  # a typo of ESCORT_MAX_BATCH_SIZE
+    monkeypatch.setenv("ESCORT_PORT", "8001")
+    assert unknown_environment_names() == ["ESCORT_MAX_BATCH"]
+    assert load_settings().max_batch_size == 32
+
+
+def test_preprocess_workers_zero_means_one_per_core() -> None:
+    import os
+
+    assert load_settings().preprocess_threads == min(32, os.cpu_count() or 1)
+    assert load_settings(preprocess_workers=3).preprocess_threads == 3

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from urllib.parse import urlsplit
 
 PROTOCOLS = ("v1", "v2")
+V2_INPUTS = ("image", "tensor")
 
 
 class LoadtestConfigError(ValueError):
@@ -41,6 +42,10 @@ class LoadtestConfig:
     images_per_request: int = 1
     # Load generator processes (Locust workers); one process drives about one CPU core of HTTP.
     processes: int = 1
+    # What V2 users send: `image` (BYTES, encoded photos) or `tensor` (FP32, preprocessed here).
+    v2_input: str = "image"
+    # Longest side of the photo variants sent.
+    image_sides: tuple[int, ...] = (1280, 640, 320, 160)
     # Most requests sent over the whole run; split evenly over the steps.
     max_requests: int = 100_000
     # Seconds at the start of each step that are not measured (users connect, queues fill).
@@ -146,6 +151,18 @@ def load_config(env: Mapping[str, str] | None = None) -> LoadtestConfig:
     if unknown:
         raise LoadtestConfigError(f"LOADTEST_PROTOCOLS: unknown {unknown}; use v1, v2 or both")
     backends = tuple(b.lower() for b in _split(env.get("LOADTEST_BACKENDS", "")))
+    v2_input = env.get("LOADTEST_V2_INPUT", "").strip().lower() or default.v2_input
+    if v2_input not in V2_INPUTS:
+        raise LoadtestConfigError(f"LOADTEST_V2_INPUT={v2_input!r}: use image or tensor")
+    sides_raw = _split(env.get("LOADTEST_IMAGE_SIDES", ""))
+    try:
+        sides = tuple(int(item) for item in sides_raw) or default.image_sides
+    except ValueError:
+        raise LoadtestConfigError(
+            f"LOADTEST_IMAGE_SIDES={sides_raw}: use a comma list of pixel counts"
+        ) from None
+    if any(side < 8 for side in sides):
+        raise LoadtestConfigError(f"LOADTEST_IMAGE_SIDES={sides}: each side needs 8 pixels or more")
     return LoadtestConfig(
         urls=urls,
         duration_s=_number(env, "LOADTEST_DURATION_S", float, default.duration_s, 1.0),
@@ -157,6 +174,8 @@ def load_config(env: Mapping[str, str] | None = None) -> LoadtestConfig:
         protocols=protocols,
         images_per_request=int(_number(env, "LOADTEST_IMAGES_PER_REQUEST", int, 1, 1)),
         processes=int(_number(env, "LOADTEST_PROCESSES", int, 1, 1)),
+        v2_input=v2_input,
+        image_sides=sides,
         max_requests=int(_number(env, "LOADTEST_MAX_REQUESTS", int, default.max_requests, 1)),
         settle_s=_number(env, "LOADTEST_SETTLE_S", float, default.settle_s, 0.0),
         timeout_s=_number(env, "LOADTEST_TIMEOUT_S", float, default.timeout_s, 0.1),

@@ -8,9 +8,12 @@ memory, from the photos in tests/data (or LOADTEST_IMAGES).
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from PIL import Image
 
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / "tests" / "data"
@@ -38,7 +41,7 @@ def _encode(image: Image.Image, fmt: str) -> bytes:
 
 
 def make_variants(
-    folder: str | Path = "", long_sides: tuple[int, ...] = LONG_SIDES
+    folder: str | Path = "", long_sides: Sequence[int] = LONG_SIDES
 ) -> list[LoadImage]:
     """Every photo of `folder` at every long side, JPEG for photos saved as JPEG and PNG for PNG."""
     root = Path(folder) if folder else DEFAULT_DIR
@@ -64,3 +67,21 @@ def make_variants(
                 )
             )
     return variants
+
+
+def preprocessed_tensor(image: LoadImage, preprocessing: Mapping[str, Any]) -> bytes:
+    """The image as the model's input, FP32 [3, crop, crop] little-endian bytes, prepared the
+    way the model card says (short side to `resize`, center crop, (x - mean) / std), for V2
+    requests that send the `input` tensor instead of an encoded image."""
+    resize, crop = int(preprocessing["resize"]), int(preprocessing["crop"])
+    with Image.open(io.BytesIO(image.data)) as opened:
+        rgb = opened.convert("RGB")
+    scale = resize / min(rgb.size)
+    size = (max(crop, round(rgb.width * scale)), max(crop, round(rgb.height * scale)))
+    rgb = rgb.resize(size, Image.BILINEAR)
+    left, top = (rgb.width - crop) // 2, (rgb.height - crop) // 2
+    rgb = rgb.crop((left, top, left + crop, top + crop))
+    pixels = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1)
+    mean = np.asarray(preprocessing["mean"], dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(preprocessing["std"], dtype=np.float32).reshape(3, 1, 1)
+    return ((pixels - mean) / std).astype("<f4").tobytes()

@@ -1,4 +1,6 @@
-"""Locust users for Escort Serve: one speaks v1 multipart, the other KServe V2 binary tensors.
+"""Locust users for Escort Serve: one speaks v1 multipart, the other KServe V2 binary tensors
+(the encoded photos as a BYTES `image` input, or with LOADTEST_V2_INPUT=tensor, the photos
+preprocessed here into the FP32 `input` tensor, which leaves decoding out of the server's work).
 
 Both send real photos at several sizes, pick a backend for each request (or the one the
 compare mode fixes), and check the answer's shape, so a 200 with a wrong body counts as an
@@ -23,7 +25,7 @@ import gevent
 from locust import FastHttpUser, constant, events, task
 
 from loadtest.config import LoadtestConfig, check_loopback, load_config
-from loadtest.images import LoadImage, make_variants
+from loadtest.images import LoadImage, make_variants, preprocessed_tensor
 
 V1 = "v1"
 V2 = "v2"
@@ -53,6 +55,8 @@ class LoadPlan:
     backends: list[str]
     images: list[LoadImage]
     card: dict[str, Any] = field(default_factory=dict)
+    # Preprocessed FP32 inputs, one per image, when V2 users send tensors.
+    tensors: list[bytes] = field(default_factory=list)
     fixed_backend: str | None = None
     step: int = -1  # samples are recorded only while step >= 0
     budget: int = 0  # requests left in this step; users idle at zero
@@ -116,7 +120,13 @@ def discover(config: LoadtestConfig) -> tuple[str, list[str], dict[str, Any]]:
 
 def build_plan(config: LoadtestConfig) -> LoadPlan:
     model, backends, card = discover(config)
-    return LoadPlan(config, model, backends, make_variants(config.images_dir), card=card)
+    images = make_variants(config.images_dir, config.image_sides)
+    tensors = []
+    if config.v2_input == "tensor" and "v2" in config.protocols:
+        if "preprocessing" not in card:
+            raise RuntimeError(f"/v1/models gives no preprocessing for {model}; use images")
+        tensors = [preprocessed_tensor(image, card["preprocessing"]) for image in images]
+    return LoadPlan(config, model, backends, images, card=card, tensors=tensors)
 
 
 def multipart_body(images: list[LoadImage]) -> tuple[bytes, str]:
@@ -142,6 +152,26 @@ def v2_binary_body(images: list[LoadImage], backend: str | None) -> tuple[bytes,
                 "name": "image",
                 "shape": [len(images)],
                 "datatype": "BYTES",
+                "parameters": {"binary_data_size": len(raw)},
+            }
+        ],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+    }
+    if backend:
+        header["parameters"] = {"backend": backend}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return head + raw, len(head)
+
+
+def v2_tensor_body(tensors: list[bytes], crop: int, backend: str | None) -> tuple[bytes, int]:
+    """A V2 request with preprocessed images as one FP32 `input` tensor [N, 3, crop, crop]."""
+    raw = b"".join(tensors)
+    header: dict[str, Any] = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": [len(tensors), 3, crop, crop],
+                "datatype": "FP32",
                 "parameters": {"binary_data_size": len(raw)},
             }
         ],
@@ -208,14 +238,15 @@ class EscortUser(FastHttpUser):
         EscortUser._spawned += 1
         self.rng = random.Random(config.seed * 1_000_003 + EscortUser._spawned)
 
-    def _prepare(self) -> tuple[LoadPlan, list[LoadImage], str | None] | None:
+    def _prepare(self) -> tuple[LoadPlan, list[int], str | None] | None:
+        """The plan, the indices of this request's images, and its backend; None to idle."""
         plan = PLAN
         if plan is None or not plan.take_request():
             gevent.sleep(0.05)
             return None
         count = plan.config.images_per_request
-        images = [self.rng.choice(plan.images) for _ in range(count)]
-        return plan, images, plan.backend_for(self.rng)
+        picks = [self.rng.randrange(len(plan.images)) for _ in range(count)]
+        return plan, picks, plan.backend_for(self.rng)
 
     def _headers(self, plan: LoadPlan, content_type: str) -> dict[str, str]:
         headers = {"Content-Type": content_type}
@@ -234,7 +265,8 @@ class V1MultipartUser(EscortUser):
         prepared = self._prepare()
         if prepared is None:
             return
-        plan, images, backend = prepared
+        plan, picks, backend = prepared
+        images = [plan.images[i] for i in picks]
         body, content_type = multipart_body(images)
         query = f"?top_k={TOP_K}" + (f"&backend={backend}" if backend else "")
         url = f"{plan.target()}/v1/models/{plan.model}/classify{query}"
@@ -269,11 +301,15 @@ class V2BinaryUser(EscortUser):
         prepared = self._prepare()
         if prepared is None:
             return
-        plan, images, backend = prepared
-        body, header_length = v2_binary_body(images, backend)
+        plan, picks, backend = prepared
+        if plan.tensors:
+            crop = int(plan.card["preprocessing"]["crop"])
+            body, header_length = v2_tensor_body([plan.tensors[i] for i in picks], crop, backend)
+        else:
+            body, header_length = v2_binary_body([plan.images[i] for i in picks], backend)
         headers = self._headers(plan, "application/octet-stream")
         headers["Inference-Header-Content-Length"] = str(header_length)
-        context = {"protocol": V2, "backend": backend or "default", "images": len(images)}
+        context = {"protocol": V2, "backend": backend or "default", "images": len(picks)}
         with self.client.post(
             f"{plan.target()}/v2/models/{plan.model}/infer",
             data=body,
@@ -285,7 +321,7 @@ class V2BinaryUser(EscortUser):
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}")
                 return
-            check = _check_v2_answer(response.content or b"", response.headers, len(images))
+            check = _check_v2_answer(response.content or b"", response.headers, len(picks))
             if check:
                 response.failure(check)
 

@@ -69,7 +69,8 @@ def test_config_reads_the_contract_variables() -> None:
     "env",
     [{"LOADTEST_USERS": "1,x"}, {"LOADTEST_USERS": "0"}, {"LOADTEST_DURATION_S": "soon"},
      {"LOADTEST_DURATION_S": "0"}, {"LOADTEST_PROTOCOLS": "grpc"}, {"LOADTEST_COMPARE": "maybe"},
-     {"LOADTEST_METRICS_URLS": "http://10.1.1.1/metrics"}],
+     {"LOADTEST_METRICS_URLS": "http://10.1.1.1/metrics"}, {"LOADTEST_V2_INPUT": "png"},
+     {"LOADTEST_IMAGE_SIDES": "640,2"}, {"LOADTEST_PROCESSES": "0"}],
 )  # fmt: skip
 def test_bad_settings_name_the_variable(env: dict[str, str]) -> None:
     with pytest.raises(LoadtestConfigError, match=next(iter(env))):
@@ -87,6 +88,24 @@ def test_image_variants_are_real_images_of_several_sizes() -> None:
     for variant in variants:
         with Image.open(BytesIO(variant.data)) as image:
             assert image.size == (variant.width, variant.height)
+
+
+def test_preprocessed_tensors_match_the_service_preprocessing() -> None:
+    """LOADTEST_V2_INPUT=tensor sends what the server would have computed from the photo."""
+    from loadtest.images import preprocessed_tensor
+
+    prep = {"resize": 256, "crop": 224, "mean": [123.675, 116.28, 103.53],
+            "std": [58.395, 57.12, 57.375]}  # fmt: skip
+    preprocess = pytest.importorskip("service.preprocess")
+    from service.engine.protocol import Preprocessing
+
+    spec = Preprocessing(256, 224, tuple(prep["mean"]), tuple(prep["std"]))
+    for variant in make_variants(long_sides=(640, 160)):
+        ours = np.frombuffer(preprocessed_tensor(variant, prep), dtype="<f4").reshape(3, 224, 224)
+        theirs = preprocess.preprocess_image(variant.data, spec, 10**8)
+        # Crop offsets round differently by a pixel at most: close, not identical.
+        assert np.abs(ours - theirs).mean() < 0.1, variant.name
+        assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.98, variant.name
 
 
 BEFORE = """\

@@ -93,6 +93,8 @@ def test_compare_mode_is_bounded_in_requests(standin: Server, tmp_path: Path) ->
             "LOADTEST_MAX_REQUESTS": "120",
             "LOADTEST_SETTLE_S": "0",
             "LOADTEST_PROTOCOLS": "v2",
+            "LOADTEST_V2_INPUT": "tensor",
+            "LOADTEST_IMAGES_PER_REQUEST": "2",
             "LOADTEST_OUT": str(out),
         }
     )
@@ -110,6 +112,9 @@ def test_compare_mode_is_bounded_in_requests(standin: Server, tmp_path: Path) ->
     assert seen["inference"] <= 120
     assert seen["backend:sparse"] == pytest.approx(60, abs=2)
     assert "protocol:v1" not in seen
+    # Preprocessed FP32 rows, not encoded photos, with values in the normalized range.
+    assert seen["tensor"] == seen["tensor_finite"] == 2 * seen["inference"]
+    assert not any(key.startswith("format:") for key in seen)
     # The side-by-side table goes to stdout, a column group per backend.
     assert "sparse img/s" in result.stdout and "dense img/s" in result.stdout
 

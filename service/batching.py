@@ -65,6 +65,9 @@ class BatchQueue:
         self._delay_s = max_batch_delay_ms / 1000.0
         self.max_queue_size = max_queue_size
         self._retry_after_s = retry_after_s
+        # Label lookups take a lock; resolve the children once.
+        self._depth = metrics.queue_depth.labels(model)
+        self._waited = metrics.queue_duration.labels(model)
         self._items: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
         self._filled = asyncio.Event()
@@ -111,7 +114,7 @@ class BatchQueue:
         now = time.monotonic()
         pending = [_Pending(row, loop.create_future(), deadline, now) for row in batch]
         self._items.extend(pending)
-        self._metrics.queue_depth.labels(self.model).inc(rows)
+        self._depth.inc(rows)
         self._idle.clear()
         self._arrived.set()
         if len(self._items) >= self.max_batch_size:
@@ -154,7 +157,7 @@ class BatchQueue:
         now = time.monotonic()
         while self._items and len(batch) < self.max_batch_size:
             item = self._items.popleft()
-            self._metrics.queue_depth.labels(self.model).dec()
+            self._depth.dec()
             if item.future.done():  # cancelled: the caller stopped waiting
                 continue
             if item.deadline <= now:
@@ -162,7 +165,7 @@ class BatchQueue:
                     DeadlineExceededError("the request's deadline passed while it was queued")
                 )
                 continue
-            self._metrics.queue_duration.labels(self.model).observe(now - item.enqueued_at)
+            self._waited.observe(now - item.enqueued_at)
             self.queue_ns += int((now - item.enqueued_at) * 1e9)
             batch.append(item)
         return batch
@@ -198,12 +201,10 @@ class BatchQueue:
 
     async def _compute(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
         size = len(batch)
-        inputs = np.stack([item.row for item in batch])
+        rows = [item.row for item in batch]
         start = time.monotonic()
         try:
-            outputs = await loop.run_in_executor(
-                self._worker, self._infer, self.model, self.backend, inputs
-            )
+            outputs = await loop.run_in_executor(self._worker, self._stack_and_infer, rows)
             outputs = np.asarray(outputs)
             if outputs.ndim < 1 or outputs.shape[0] != size:
                 got = outputs.shape[0] if outputs.ndim else "no"
@@ -233,6 +234,10 @@ class BatchQueue:
             if not item.future.done():
                 item.future.set_result(output)
 
+    def _stack_and_infer(self, rows: list[np.ndarray]) -> np.ndarray:
+        # In the worker thread: copying a large batch together would stall the event loop.
+        return self._infer(self.model, self.backend, np.stack(rows))
+
     async def drain(self, timeout_s: float) -> bool:
         """Wait until every queued image is computed; False when `timeout_s` ran out first."""
         try:
@@ -252,7 +257,7 @@ class BatchQueue:
         error = ShuttingDownError("the server shut down before this request ran", 0)
         while self._items:
             item = self._items.popleft()
-            self._metrics.queue_depth.labels(self.model).dec()
+            self._depth.dec()
             if not item.future.done():
                 item.future.set_exception(error)
         self._worker.shutdown(wait=False, cancel_futures=True)

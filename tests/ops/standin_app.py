@@ -121,7 +121,8 @@ def create_app() -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, object]:
-        card = {"name": MODEL, "backends": backends, "device": "cpu", "precision": "fp32",
+        card = {"name": MODEL, "backends": backends, "precision": "fp32",
+                "device": os.environ.get("ESCORT_DEVICE", "cpu"),
                 "max_batch_size": 32, "architecture": "standin",
                 "preprocessing": PREPROCESSING}  # fmt: skip
         return {"models": [card]}

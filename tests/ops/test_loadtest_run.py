@@ -6,13 +6,22 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.ops.conftest import Server, assert_png, free_port, run_loadtest, serve, wait_ready
+from tests.ops.conftest import (
+    ROOT,
+    Server,
+    assert_png,
+    free_port,
+    run_loadtest,
+    serve,
+    wait_ready,
+)
 
 REPORT_FILES = ("report.json", "report.md", "latency_vs_concurrency.png",
                 "throughput_vs_concurrency.png", "layers_sparse_vs_dense.png")  # fmt: skip
@@ -211,3 +220,40 @@ def test_against_the_real_service_on_cpu(tmp_path: Path) -> None:
     sparse = {r["layer"] for r in report["layers"] if "sparse" in r["mean_ms"]}
     dense = {r["layer"] for r in report["layers"] if "dense" in r["mean_ms"]}
     assert sparse and sparse == dense
+
+
+def test_scaling_runs_one_and_two_replicas(tmp_path: Path) -> None:
+    out = tmp_path / "scaling"
+    python = sys.executable
+    env = {
+        "LOADTEST_GPUS": "2",
+        "LOADTEST_BASE_PORT": str(free_port()),
+        "LOADTEST_SERVER_CMD": f"{python} -m uvicorn tests.ops.standin_app:create_app --factory "
+        "--host 127.0.0.1 --port {port} --log-level warning",
+        "LOADTEST_DURATION_S": "4",
+        "LOADTEST_USERS": "1,2",
+        "LOADTEST_SETTLE_S": "0.3",
+        "LOADTEST_COMPARE": "1",
+        "LOADTEST_OUT": str(out),
+    }
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LOADTEST_", "ESCORT_"))}
+    result = subprocess.run([python, "-m", "loadtest.scaling"], cwd=ROOT, env={**clean, **env},
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "scaling.json").read_text())
+    assert summary["gpus"] == 2 and summary["target_ratio"] == pytest.approx(1.8)
+    assert set(summary["backends"]) == {"sparse", "dense"}
+    one = json.loads((out / "gpus-1" / "report.json").read_text())
+    two = json.loads((out / "gpus-2" / "report.json").read_text())
+    assert one["server"]["device"] == "cuda:0"  # each replica is pinned to its own device
+    assert [s["users"] for s in two["steps"]] == [2, 4, 2, 4]  # concurrency scales with GPUs
+    assert len(two["config"]["urls"]) == 2
+    for step in two["steps"]:
+        # Both replicas were scraped: their answers add up to what the client saw.
+        assert step["server"]["requests_by_code"]["200"] == pytest.approx(step["ok"], abs=6)
+    for backend, row in summary["backends"].items():
+        peak = max(s["images_per_s"] for s in two["steps"] if s["phase"] == backend)
+        assert row["peak_images_per_s"]["2"] == pytest.approx(peak)
+        assert row["throughput_ratio"] == pytest.approx(peak / row["peak_images_per_s"]["1"])
+    assert "| sparse |" in (out / "scaling.md").read_text()
+    assert_png(out / "scaling.png")

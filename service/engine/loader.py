@@ -240,10 +240,13 @@ def _build_uninitialized(architecture: str, num_classes: int, seed: int) -> nn.M
     """Build without paying for the builder's own init (VGG-16 has 138M weights), then give every
     parameter and buffer a seeded value. Falls back to a normal, seeded build for architectures
     with tensors this init does not know."""
-    with torch.device("meta"):
-        model = build_architecture(architecture, num_classes=num_classes)
-    model = model.to_empty(device="cpu")
-    if _init_synthetic(model, seed):
+    try:
+        with torch.device("meta"):
+            model = build_architecture(architecture, num_classes=num_classes)
+        model = model.to_empty(device="cpu")
+    except (RuntimeError, NotImplementedError):  # a builder that computes on its tensors
+        model = None
+    if model is not None and _init_synthetic(model, seed):
         return model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

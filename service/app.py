@@ -104,7 +104,10 @@ async def _prepare(state: ServiceState, engine: Engine | None) -> None:
         raise
     except Exception as exc:
         state.load_error = f"{type(exc).__name__}: {exc}"
-        log.exception("could not load the models")
+        if isinstance(exc, LookupError | ValueError | OSError):
+            log.error("could not load the models: %s", exc)  # a setup mistake: no traceback
+        else:
+            log.exception("could not load the models")
         if state.on_load_failure is not None:
             state.on_load_failure()
 

@@ -124,9 +124,9 @@ class ProcessServer:
         self.ready_timeout_s = ready_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> ProcessServer:
+    def start(self) -> ProcessServer:
         # A file, not a pipe: a chatty server must never block on a full pipe.
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__
         self.proc = subprocess.Popen(
             [sys.executable, "-m", self.module],
             cwd=REPO,
@@ -134,6 +134,11 @@ class ProcessServer:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
+        return self
+
+    def __enter__(self) -> ProcessServer:
+        self.start()
+        assert self.proc is not None
         try:
             with httpx.Client(base_url=self.url, timeout=5) as client:
                 deadline = time.monotonic() + self.ready_timeout_s

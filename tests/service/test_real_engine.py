@@ -118,3 +118,13 @@ def test_metadata_cards_and_layer_metrics(http: httpx.Client, photos: dict[str, 
 def test_sigterm_exits_cleanly(real_server: ProcessServer) -> None:
     real_server.terminate()
     assert real_server.wait(120) == 0, real_server.output()[-3000:]
+
+
+def test_an_unknown_model_stops_the_server_with_exit_code_1() -> None:
+    server = ProcessServer("service.app", {"ESCORT_MODELS": "no-such-net"}).start()
+    try:
+        assert server.wait(120) == 1
+        assert "unknown model 'no-such-net'" in server.output()
+        assert "efficientnet-lite0" in server.output()  # the message lists the manifests
+    finally:
+        server.__exit__()

@@ -60,7 +60,8 @@ def test_mixed_run_against_the_standin(standin: Server, tmp_path: Path) -> None:
     seen = _seen(standin)
     for step in report["steps"]:
         assert step["ok"] > 10, step
-        assert step["window_s"] == pytest.approx(2.5 - 0.3, abs=0.3)
+        # Its 2.5 s share, less the settling and scraping (longer on a busy machine).
+        assert 1.4 <= step["window_s"] <= 2.3
         assert step["images_per_s"] == pytest.approx(2 * step["throughput_rps"])
         assert set(step["by_backend"]) == {"sparse", "dense"}
         # Locust splits users between the two classes: a 1-user step runs the first one.
@@ -69,7 +70,7 @@ def test_mixed_run_against_the_standin(standin: Server, tmp_path: Path) -> None:
         # requests that straddle the window's edges.
         refused = step["errors"].get("503", 0)
         assert refused == pytest.approx(step["requests"] / 9, abs=3)
-        assert step["server"]["requests_by_code"].get("503", 0) == pytest.approx(refused, abs=3)
+        assert step["server"]["requests_by_code"].get("503", 0) == pytest.approx(refused, abs=4)
         assert step["server"]["mean_batch_size"] == {"sparse": 2.0, "dense": 2.0}
         assert step["server"]["mean_compute_ms"] == {
             "sparse": pytest.approx(4.0),
@@ -96,10 +97,10 @@ def test_compare_mode_is_bounded_in_requests(standin: Server, tmp_path: Path) ->
     result = run_loadtest(
         {
             "LOADTEST_URL": f"{standin.url},{standin.url.replace('127.0.0.1', 'localhost')}",
-            "LOADTEST_DURATION_S": "8",
+            "LOADTEST_DURATION_S": "12",
             "LOADTEST_USERS": "2,4",
             "LOADTEST_COMPARE": "1",
-            "LOADTEST_MAX_REQUESTS": "120",
+            "LOADTEST_MAX_REQUESTS": "48",
             "LOADTEST_SETTLE_S": "0",
             "LOADTEST_PROTOCOLS": "v2",
             "LOADTEST_V2_INPUT": "tensor",
@@ -115,11 +116,11 @@ def test_compare_mode_is_bounded_in_requests(standin: Server, tmp_path: Path) ->
     ]  # fmt: skip
     for step in report["steps"]:
         assert set(step["by_backend"]) == {step["phase"]}
-        assert step["requests"] <= 30
-        assert step["window_s"] < 1.9  # the budget ran out before the 2 s share of time
+        assert step["requests"] <= 12
+        assert step["window_s"] < 2.5  # the budget ran out well before the 3 s share of time
     seen = _seen(standin)
-    assert seen["inference"] <= 120
-    assert seen["backend:sparse"] == pytest.approx(60, abs=2)
+    assert seen["inference"] <= 48
+    assert seen["backend:sparse"] == pytest.approx(24, abs=2)
     assert "protocol:v1" not in seen
     # Preprocessed FP32 rows, not encoded photos, with values in the normalized range.
     assert seen["tensor"] == seen["tensor_finite"] == 2 * seen["inference"]
@@ -151,7 +152,7 @@ def test_several_load_processes_report_every_request(standin: Server, tmp_path: 
         # The workers' samples all reached the master: the server counted as many answers in
         # the same window, give or take those that straddle its edges.
         served = step["server"]["requests_by_code"]["200"]
-        assert step["ok"] == pytest.approx(served, abs=2 * step["users"])
+        assert step["ok"] == pytest.approx(served, rel=0.15, abs=4 * step["users"])
 
 
 def test_refuses_a_target_that_is_not_loopback(tmp_path: Path) -> None:
@@ -250,7 +251,8 @@ def test_scaling_runs_one_and_two_replicas(tmp_path: Path) -> None:
     assert len(two["config"]["urls"]) == 2
     for step in two["steps"]:
         # Both replicas were scraped: their answers add up to what the client saw.
-        assert step["server"]["requests_by_code"]["200"] == pytest.approx(step["ok"], abs=6)
+        served = step["server"]["requests_by_code"]["200"]
+        assert served == pytest.approx(step["ok"], rel=0.1, abs=6)
     for backend, row in summary["backends"].items():
         peak = max(s["images_per_s"] for s in two["steps"] if s["phase"] == backend)
         assert row["peak_images_per_s"]["2"] == pytest.approx(peak)

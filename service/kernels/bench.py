@@ -250,7 +250,7 @@ class Bench:
         }
         if not self.args.no_tune and not self.over_budget():
             times = plan.tune(hw, batch, reps=3)
-            default = default_config(plan.geometry(hw), batch)
+            default = default_config(plan.geometry(hw), batch, plan.density)
             self.tuning.append(
                 {
                     **base,

@@ -22,7 +22,7 @@ import torch
 
 from service.kernels.escort_cuda import KERNEL_NAMES, PORT_NAME, SOURCE, kernel_name
 from service.kernels.stretched_csr import ConvGeometry
-from service.kernels.tiling import EscortMeta, magic_divisor
+from service.kernels.tiling import EscortMeta
 
 ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2}
 
@@ -133,12 +133,9 @@ _INT_FIELDS = [
     "splits",
     "act",
 ]
-_UINT_FIELDS = ("tiw_mul", "tiw_shr", "tih_mul", "tih_shr", "cc_mul", "cc_shr")
 # The EscortParams struct of the CUDA source, field for field (aligned as C lays it out).
 PARAMS_DTYPE = np.dtype(
-    [(name, np.uint64) for name in _POINTER_FIELDS]
-    + [(name, np.int32) for name in _INT_FIELDS]
-    + [(name, np.uint32) for name in _UINT_FIELDS],
+    [(name, np.uint64) for name in _POINTER_FIELDS] + [(name, np.int32) for name in _INT_FIELDS],
     align=True,
 )
 
@@ -155,8 +152,6 @@ def kernel_params(
     tih, tiw = meta.window
     oh, ow = geometry.output_hw
     _, h_t, w_t = config.tiles(geometry, batch)
-    tiw_div, tih_div = magic_divisor(tiw), magic_divisor(tih)
-    cc_div = magic_divisor(config.chunk_channels)
     left, _, top, _ = geometry.padding
     values = dict.fromkeys(_POINTER_FIELDS, 0)
     values.update(pointers or {})
@@ -186,12 +181,6 @@ def kernel_params(
         record_max=meta.record_max,
         splits=config.splits,
         act=ACTIVATION_CODES[activation],
-        tiw_mul=tiw_div[0],
-        tiw_shr=tiw_div[1],
-        tih_mul=tih_div[0],
-        tih_shr=tih_div[1],
-        cc_mul=cc_div[0],
-        cc_shr=cc_div[1],
     )
     return values
 
@@ -220,6 +209,8 @@ class EscortLaunch:
     record: np.ndarray  # the EscortParams struct
     slots: np.ndarray  # uint64 [3]
     arg_pointers: Any  # ctypes void*[4]
+    arg_address: int  # its address, for the launch call
+    function_ptr: int  # the CUfunction handle
     meta: EscortMeta  # kept alive: `record` holds its device pointers
     keep: tuple[torch.Tensor | None, ...]  # bias, workspace, counters
     device_index: int
@@ -268,6 +259,8 @@ def prepare_launch(
         record=record,
         slots=slots,
         arg_pointers=arg_pointers,
+        arg_address=ctypes.addressof(arg_pointers),
+        function_ptr=int(function.ptr),
         meta=meta,
         keep=(bias, ws, counters),
         device_index=device_index,
@@ -285,17 +278,20 @@ class _StreamRef:
     ptr: int
 
 
+_current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _raw_stream(device_index: int) -> int:
-    getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if getter is not None:
-        return int(getter(device_index))
-    return int(torch.cuda.current_stream(device_index).cuda_stream)
+    """torch's current stream on the device, as a handle (what triton reads too)."""
+    if _current_raw_stream is not None:
+        return _current_raw_stream(device_index)
+    return torch.cuda.current_stream(device_index).cuda_stream
 
 
 def _driver_launch(cp: Any, launch: EscortLaunch) -> None:
     gx, gy, gz = launch.grid
     cp.cuda.driver.launchKernel(
-        launch.function.ptr,
+        launch.function_ptr,
         gx,
         gy,
         gz,
@@ -304,7 +300,7 @@ def _driver_launch(cp: Any, launch: EscortLaunch) -> None:
         1,
         launch.shared_bytes,
         _raw_stream(launch.device_index),
-        ctypes.addressof(launch.arg_pointers),
+        launch.arg_address,
         0,
     )
 

@@ -25,12 +25,7 @@ struct EscortParams {
     int tiles_w, tiles_h;
     int rec_stride, header, chunk_floats, record_max;
     int splits, act;
-    unsigned int tiw_mul, tiw_shr, tih_mul, tih_shr, cc_mul, cc_shr;
 };
-
-__device__ __forceinline__ unsigned int fast_div(unsigned int x, unsigned int mul, unsigned int shr) {
-    return mul ? (__umulhi(x, mul) >> shr) : x;
-}
 
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_bytes) {
     unsigned int d = (unsigned int)__cvta_generic_to_shared(dst);
@@ -46,9 +41,43 @@ __device__ __forceinline__ void cp_async_commit() {
     asm volatile("cp.async.commit_group;\n" ::);
 }
 
+__device__ __forceinline__ float ld_shared(unsigned int address) {
+    float v;
+    asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(address));
+    return v;
+}
+
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" :: "n"(N));
+}
+
+// What one thread stages of every chunk: a position of the input window (or, when the window
+// is larger than the block, a list of them) in a run of channel planes. The position is decoded
+// once per kernel; per chunk only the channel base changes.
+struct StagePlan {
+    int sp;          // window position (ih * TIW + iw), or -1 when this thread stages nothing
+    int sp_step;     // next position for windows larger than the block, else a large value
+    int plane0;      // first (image, channel) plane
+    int plane_step;  // planes between this thread's elements
+};
+
+__device__ __forceinline__ StagePlan stage_plan(const EscortParams& p) {
+    const int ws = p.TIH * p.TIW;
+    StagePlan s;
+    if (ws >= (int)blockDim.x) {
+        s.sp = threadIdx.x;
+        s.sp_step = blockDim.x;
+        s.plane0 = 0;
+        s.plane_step = 1;
+    } else {
+        const int g = blockDim.x / ws;
+        s.sp = (int)threadIdx.x < g * ws ? threadIdx.x % ws : -1;
+        s.sp_step = 1 << 30;
+        s.plane0 = threadIdx.x / ws;
+        s.plane_step = g;
+    }
+    return s;
 }
 
 // Copies chunk j of the tile's input window into `buf` (zero-filling padding, pixels outside
@@ -56,25 +85,33 @@ __device__ __forceinline__ void cp_async_wait() {
 // chunk's metadata record [rec_beg, rec_end) into `mbuf`.
 __device__ __forceinline__ void stage_chunk(
     const float* __restrict__ x, const int2* __restrict__ meta, float* buf, int2* mbuf,
-    const EscortParams& p, int j, int c_first, int c_count, int n0, int ih0, int iw0,
-    int rec_beg, int rec_end)
+    const EscortParams& p, const StagePlan& sp_plan, int j, int c_first, int c_count, int n0,
+    int ih0, int iw0, int rec_beg, int rec_end)
 {
     const int c0 = c_first + j * p.CC;
     const int cn = min(p.CC, c_count - j * p.CC);
-    for (int e = threadIdx.x; e < p.chunk_floats; e += blockDim.x) {
-        const unsigned int q1 = fast_div((unsigned int)e, p.tiw_mul, p.tiw_shr);
-        const int iw = e - (int)q1 * p.TIW;
-        const unsigned int q2 = fast_div(q1, p.tih_mul, p.tih_shr);
-        const int ih = (int)q1 - (int)q2 * p.TIH;
-        const int nb = (int)fast_div(q2, p.cc_mul, p.cc_shr);
-        const int cl = (int)q2 - nb * p.CC;
-        const int n = n0 + nb;
+    const int ws = p.TIH * p.TIW;
+    const int planes = p.NB * p.CC;
+    const long long plane_floats = (long long)p.H * p.W;
+    for (int sp = sp_plan.sp; sp >= 0 && sp < ws; sp += sp_plan.sp_step) {
+        const int ih = sp / p.TIW;
+        const int iw = sp - ih * p.TIW;
         const int gh = ih0 + ih;
         const int gw = iw0 + iw;
-        const bool ok = cl < cn && n < p.N && (unsigned int)gh < (unsigned int)p.H
-                        && (unsigned int)gw < (unsigned int)p.W;
-        const float* src = ok ? x + ((((long long)n * p.C + c0 + cl) * p.H + gh) * p.W + gw) : x;
-        cp_async4(buf + e, src, ok ? 4 : 0);
+        const bool inside = (unsigned int)gh < (unsigned int)p.H && (unsigned int)gw < (unsigned int)p.W;
+        const float* src0 = x + (inside ? gh * p.W + gw : 0);
+        int nb = sp_plan.plane0 / p.CC;
+        int cl = sp_plan.plane0 - nb * p.CC;
+        for (int q = sp_plan.plane0; q < planes; q += sp_plan.plane_step) {
+            const bool ok = inside && cl < cn && n0 + nb < p.N;
+            const float* src = ok ? src0 + ((long long)(n0 + nb) * p.C + c0 + cl) * plane_floats : x;
+            cp_async4(buf + q * ws + sp, src, ok ? 4 : 0);
+            cl += sp_plan.plane_step;
+            while (cl >= p.CC) {
+                cl -= p.CC;
+                ++nb;
+            }
+        }
     }
     for (int e = rec_beg + threadIdx.x; e < rec_end; e += blockDim.x)
         cp_async8(mbuf + (e - rec_beg), meta + e);
@@ -138,9 +175,11 @@ __global__ void __launch_bounds__(256) escort_conv(
     const int iw0 = ow0 * p.sw - p.pl;
 
     if (j_first < j_last) {
+        const StagePlan sp_plan = stage_plan(p);
         int next_beg = rec[j_first];
         int next_end = rec[j_first + 1];
-        stage_chunk(x, meta, smem, mbase, p, j_first, blk.x, blk.y, n0, ih0, iw0, next_beg, next_end);
+        stage_chunk(x, meta, smem, mbase, p, sp_plan, j_first, blk.x, blk.y, n0, ih0, iw0,
+                    next_beg, next_end);
         next_beg = next_end;
         next_end = j_first + 1 < j_last ? rec[j_first + 2] : next_end;
         for (int j = j_first; j < j_last; ++j) {
@@ -148,8 +187,9 @@ __global__ void __launch_bounds__(256) escort_conv(
             const float* cur = smem + buf * p.chunk_floats;
             const int2* mcur = mbase + buf * p.record_max;
             if (j + 1 < j_last) {
-                stage_chunk(x, meta, smem + (buf ^ 1) * p.chunk_floats, mbase + (buf ^ 1) * p.record_max,
-                            p, j + 1, blk.x, blk.y, n0, ih0, iw0, next_beg, next_end);
+                stage_chunk(x, meta, smem + (buf ^ 1) * p.chunk_floats,
+                            mbase + (buf ^ 1) * p.record_max, p, sp_plan, j + 1, blk.x, blk.y,
+                            n0, ih0, iw0, next_beg, next_end);
                 // Record bounds two chunks ahead, loaded now so the latency hides behind compute.
                 next_beg = next_end;
                 next_end = j + 2 < j_last ? rec[j + 3] : next_end;
@@ -159,19 +199,25 @@ __global__ void __launch_bounds__(256) escort_conv(
             }
             __syncthreads();
             const int* header = reinterpret_cast<const int*>(mcur);
+            // Shared-memory byte address of each pixel in this chunk's window; offsets in the
+            // metadata are bytes too, so the inner loop is one add, one load, one FMA per pixel.
+            unsigned int px[P];
+#pragma unroll
+            for (int i = 0; i < P; ++i)
+                px[i] = (unsigned int)__cvta_generic_to_shared(cur + sbase[i]);
 #pragma unroll
             for (int kk = 0; kk < KW; ++kk) {
                 const int r = warp * KW + kk;
                 if (row0 + kk < p.K) {
-                    const int beg = p.header + header[r];
-                    const int end = p.header + header[r + 1];
+                    const int2* e = mcur + p.header + header[r];
+                    const int2* const end = mcur + p.header + header[r + 1];
 #pragma unroll 4
-                    for (int e = beg; e < end; ++e) {
-                        const int2 m = mcur[e];
+                    for (; e < end; ++e) {
+                        const int2 m = *e;
                         const float v = __int_as_float(m.x);
 #pragma unroll
                         for (int i = 0; i < P; ++i)
-                            acc[kk][i] = fmaf(v, cur[sbase[i] + m.y], acc[kk][i]);
+                            acc[kk][i] = fmaf(v, ld_shared(px[i] + (unsigned int)m.y), acc[kk][i]);
                     }
                 }
             }

@@ -13,7 +13,7 @@ in a workspace.
 Rows are sorted by nonzero count (for groups == 1), so the warps of a block finish their chunks
 together. The metadata per (geometry, config), staged with each chunk by cp.async:
   meta    int32 [M, 2]  one record per (row block, chunk): a header of KB + 1 row offsets
-                        (packed two per slot), then (float bits of value, window offset) pairs
+                        (packed two per slot), then (float bits of value, byte offset in the window)
   recptr  int32 [KBLK, R]  start of each record in `meta` (R = max chunks + 1)
   perm    int32 [K]     the output channel of sorted row p
   blocks  int32 [KBLK, 2]  first input channel and channel count staged by each row block
@@ -187,22 +187,23 @@ def _max_block_span(geometry: ConvGeometry, rows_per_block: int) -> int:
 
 
 def default_config(geometry: ConvGeometry, batch: int, density: float = 1.0) -> TileConfig:
-    """A config chosen from the shape alone (no timing)."""
+    """A config chosen from the shape alone, without timing (`SparseConvPlan.tune` measures).
+
+    From H100 tuning runs of the layer suite: two pixels per lane and 8x8-ish tiles win on most
+    layers, four on 112x112 and larger maps, eight on the few-channel stem; as many rows per
+    block as still give two blocks per SM; split the chunks when even 32 rows leave SMs idle."""
     oh, ow = geometry.output_hw
-    pixels = oh * ow
-    if pixels <= 64 or batch * pixels <= 64 * 16:
-        p = 2
-    elif pixels <= 256 and batch * pixels <= 256:
+    if geometry.channels_per_group <= 4 and geometry.groups == 1 and batch > 1:
         p = 8
-    else:
+    elif oh * ow >= 112 * 112:
         p = 4
-    for kb in (32, 16, 8):
+    else:
+        p = 2
+    for kb in (64, 32):
         config = make_config(geometry, batch, p, kb, density, splits=1)
-        if config is None:
-            continue
-        if config.blocks(geometry, batch) >= TARGET_BLOCKS:
+        if config is not None and config.blocks(geometry, batch) >= TARGET_BLOCKS:
             return config
-    for kb in (16, 8, 4):
+    for kb in (32, 16, 8, 4):
         config = make_config(geometry, batch, p, kb, density)
         if config is not None:
             return config
@@ -313,7 +314,7 @@ def _build_meta(weight: SparseWeight, geometry: ConvGeometry, config: TileConfig
     rank = torch.arange(weight.nnz) - first_in_record[sorted_record]
     where = starts[sorted_record] + header + rank
     meta[where, 0] = weight.values[order].view(torch.int32)
-    meta[where, 1] = offset[order].to(torch.int32)
+    meta[where, 1] = (4 * offset[order]).to(torch.int32)  # bytes: the kernel adds addresses
 
     recptr = torch.cat(
         [starts[:-1].view(n_blocks, max_chunks), starts[1:].view(n_blocks, max_chunks)[:, -1:]], 1
@@ -328,17 +329,3 @@ def _build_meta(weight: SparseWeight, geometry: ConvGeometry, config: TileConfig
         rec_stride=max_chunks + 1,
         record_max=int(lengths.max()),
     )
-
-
-def magic_divisor(d: int) -> tuple[int, int]:
-    """(multiplier, shift) so that x // d == umulhi(x, multiplier) >> shift for 0 <= x < 2**31.
-
-    A multiplier of 0 means d == 1 (the kernel passes x through)."""
-    if d < 1:
-        raise ValueError("divisor must be >= 1")
-    if d == 1:
-        return (0, 0)
-    log2 = (d - 1).bit_length()  # ceil(log2(d))
-    p = 31 + log2
-    multiplier = -(-(1 << p) // d)
-    return (multiplier, p - 32)

@@ -1,7 +1,7 @@
 """A numpy model of escort_conv's indexing, block by block, for CPU tests.
 
 It reads the same metadata and parameter struct as the CUDA kernel and mirrors its steps: the
-tile decode, the staging loop (with the kernel's magic-number division), the metadata records
+tile decode, the staging layout, the metadata records
 and their headers, the per-lane pixel bases, the split over chunks and the epilogue. Arithmetic is vectorized, so only the indexing is
 modelled exactly. Shared-memory reads outside the staged chunk raise instead of reading garbage.
 """
@@ -12,13 +12,6 @@ import numpy as np
 import torch
 
 from service.kernels.tiling import EscortMeta
-
-
-def fast_div(x: np.ndarray, mul: int, shr: int) -> np.ndarray:
-    x = x.astype(np.uint64)
-    if mul == 0:
-        return x
-    return ((x * np.uint64(mul)) >> np.uint64(32)) >> np.uint64(shr)
 
 
 def emulate(
@@ -33,7 +26,8 @@ def emulate(
     records = meta.meta.numpy()
     flat_ints = records.reshape(-1)
     values = records[:, 0].copy().view(np.float32).astype(np.float64)
-    offsets = records[:, 1].astype(np.int64)
+    byte_offsets = records[:, 1].astype(np.int64)
+    offsets = byte_offsets // 4
     recptr = meta.recptr.numpy().reshape(-1)
     perm = meta.perm.numpy()
     blocks = meta.blocks.numpy()
@@ -53,13 +47,12 @@ def emulate(
     th, tw = rem // p["TW"], rem % p["TW"]
     sbase = np.where(nb < p["NB"], nb * image_floats + th * p["sh"] * p["TIW"] + tw * p["sw"], 0)
 
+    # Staging: window position sp = ih * TIW + iw of plane q = nb * CC + cl at q * WS + sp.
+    window = p["TIH"] * p["TIW"]
     e = np.arange(p["chunk_floats"], dtype=np.int64)
-    q1 = fast_div(e, p["tiw_mul"], p["tiw_shr"]).astype(np.int64)
-    iw = e - q1 * p["TIW"]
-    q2 = fast_div(q1, p["tih_mul"], p["tih_shr"]).astype(np.int64)
-    ih = q1 - q2 * p["TIH"]
-    s_nb = fast_div(q2, p["cc_mul"], p["cc_shr"]).astype(np.int64)
-    s_cl = q2 - s_nb * p["CC"]
+    q, sp = e // window, e % window
+    ih, iw = sp // p["TIW"], sp % p["TIW"]
+    s_nb, s_cl = q // p["CC"], q % p["CC"]
 
     for bx in range(tiles_n * p["tiles_h"] * p["tiles_w"]):
         tile_w = bx % p["tiles_w"]
@@ -94,6 +87,8 @@ def emulate(
                             raise IndexError("row segment outside its record")
                         if end == beg:
                             continue
+                        if np.any(byte_offsets[beg:end] % 4):
+                            raise ValueError("offsets must be whole floats")
                         idx = sbase[None] + offsets[beg:end, None, None]
                         if idx.min() < 0 or idx.max() >= p["chunk_floats"]:
                             raise IndexError(f"shared read outside the chunk (block {bx},{by})")
@@ -116,3 +111,31 @@ def emulate(
                     val = np.clip(val, 0.0, 6.0)
                 out[n[valid], k, oh[valid], ow[valid]] = val
     return torch.from_numpy(out)
+
+
+def staged_indices(p: dict[str, int], threads: int) -> list[int]:
+    """Shared-memory indices the kernel's staging loops write, thread by thread (with repeats):
+    a model of stage_plan + stage_chunk's loops."""
+    window = p["TIH"] * p["TIW"]
+    planes = p["NB"] * p["CC"]
+    written = []
+    for tid in range(threads):
+        if window >= threads:
+            sp, sp_step, plane0, plane_step = tid, threads, 0, 1
+        else:
+            g = threads // window
+            sp = tid % window if tid < g * window else -1
+            sp_step, plane0, plane_step = 1 << 30, tid // window, g
+        while 0 <= sp < window:
+            nb, cl = plane0 // p["CC"], plane0 % p["CC"]
+            q = plane0
+            while q < planes:
+                assert q == nb * p["CC"] + cl
+                written.append(q * window + sp)
+                q += plane_step
+                cl += plane_step
+                while cl >= p["CC"]:
+                    cl -= p["CC"]
+                    nb += 1
+            sp += sp_step
+    return written

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,10 +16,9 @@ from service.kernels.tiling import (
     build_meta,
     candidate_configs,
     default_config,
-    magic_divisor,
 )
 from tests.kernels.conftest import assert_matches, prune, random_case
-from tests.kernels.escort_emulator import emulate, fast_div
+from tests.kernels.escort_emulator import emulate, staged_indices
 
 # The anchors' layer suite shapes: (C, K, H, kernel, stride, pad).
 SUITE = [
@@ -103,12 +101,14 @@ def test_rows_are_sorted_by_nonzeros_and_metadata_is_consistent() -> None:
     assert torch.equal(torch.sort(values).values, torch.sort(sparse.values).values)
 
 
-@pytest.mark.parametrize("divisor", [*range(1, 70), 81, 100, 127, 128, 129, 255, 999, 4097])
-def test_magic_division(divisor: int) -> None:
-    mul, shr = magic_divisor(divisor)
-    assert 0 <= mul < 2**32
-    rng = np.random.default_rng(divisor)
-    xs = np.concatenate(
-        [np.arange(5000), rng.integers(0, 2**31, 5000), [2**31 - 1, 2**31 - 2, divisor * 7]]
-    ).astype(np.int64)
-    np.testing.assert_array_equal(fast_div(xs, mul, shr).astype(np.int64), xs // divisor)
+@pytest.mark.parametrize("shape", SUITE)
+@pytest.mark.parametrize("batch", [1, 16])
+def test_staging_writes_every_element_once(shape, batch) -> None:
+    c, k, h, r, stride, pad = shape
+    geometry = make_geometry((k, c, r, r), (h, h), stride, pad)
+    sparse = SparseWeight.from_dense(prune(torch.randn(k, c, r, r), 0.99, torch.Generator()))
+    for config in candidate_configs(geometry, batch, 0.1)[:4]:
+        meta = build_meta(sparse, geometry, config)
+        params = kernel_params(geometry, meta, batch, None)
+        written = staged_indices(params, meta.config.threads)
+        assert sorted(written) == list(range(params["chunk_floats"]))

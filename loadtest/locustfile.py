@@ -7,7 +7,7 @@ compare mode fixes), and check the answer's shape, so a 200 with a wrong body co
 error. `python -m loadtest.run` drives them headless and writes the report; the file also works
 with Locust's own CLI or web UI:
 
-    LOADTEST_MODEL=efficientnet-lite0 locust -f loadtest/locustfile.py --host http://127.0.0.1:8000
+    PYTHONPATH=. locust -f loadtest/locustfile.py --host http://127.0.0.1:8000
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import struct
 import time
 import urllib.request
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import gevent
@@ -215,9 +215,7 @@ def _plan_for_locust_cli(environment, **kwargs) -> None:
         return
     config = load_config()
     if environment.host:
-        config = LoadtestConfig(
-            **{**config.__dict__, "urls": (check_loopback(environment.host, "--host"),)}
-        )
+        config = replace(config, urls=(check_loopback(environment.host, "--host"),))
     PLAN = build_plan(config)
     PLAN.step, PLAN.budget = 0, config.max_requests
 

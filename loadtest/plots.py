@@ -1,8 +1,14 @@
 """PNG plots of a load test report: latency and throughput against concurrency, and per-layer
-latency with the backends side by side. matplotlib with the Agg backend: no display needed."""
+latency with the backends side by side. matplotlib with the Agg backend: no display needed.
+
+`python -m loadtest.plots <report folder>` draws them again from its report.json (for a run made
+on a host without matplotlib) and rewrites report.md to show them.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
-from loadtest.report import series  # noqa: E402
+from loadtest.report import REPORT_JSON, series, write_report  # noqa: E402
 
 LATENCY_PNG = "latency_vs_concurrency.png"
 THROUGHPUT_PNG = "throughput_vs_concurrency.png"
@@ -110,3 +116,19 @@ def write_plots(report: dict[str, Any], out_dir: str | Path, layer_limit: int = 
     plot_throughput(report, folder / THROUGHPUT_PNG)
     plot_layers(report, folder / LAYERS_PNG, layer_limit)
     return [LATENCY_PNG, THROUGHPUT_PNG, LAYERS_PNG]
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    folder = Path(argv[0])
+    report = json.loads((folder / REPORT_JSON).read_text())
+    report["plots"] = write_plots(report, folder, int(report["config"].get("plot_layers", 24)))
+    write_report(report, folder)
+    print(f"plots in {folder}: {', '.join(report['plots'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

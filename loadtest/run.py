@@ -6,8 +6,9 @@ LOADTEST_DURATION_S (or until its share of LOADTEST_MAX_REQUESTS is spent), and 
 In compare mode (LOADTEST_COMPARE=1) the whole ramp runs once per backend. The report (JSON,
 markdown, PNG plots) goes to LOADTEST_OUT. Only loopback targets are accepted.
 
-Exit status: 0 when requests were answered, 1 when none was, 2 for bad settings, 3 when the
-server never became ready.
+Exit status: 0 when requests were answered, 1 when none was (or the load generator failed), 2
+for bad settings (including a model or backend the server does not have), 3 when the server
+never became ready.
 """
 
 from __future__ import annotations
@@ -89,7 +90,11 @@ def run(config: LoadtestConfig) -> int:
     if problem:
         log(f"loadtest: the server is {problem}")
         return 3
-    plan = locustfile.build_plan(config)
+    try:
+        plan = locustfile.build_plan(config)
+    except (RuntimeError, OSError, ValueError, KeyError) as exc:
+        log(f"loadtest: cannot plan the run: {exc}")
+        return 2
     locustfile.PLAN = plan
     mode = "compare" if config.compare and len(plan.backends) > 1 else "mixed"
     phases: list[str | None] = list(plan.backends) if mode == "compare" else [None]
@@ -103,9 +108,13 @@ def run(config: LoadtestConfig) -> int:
         f"(first {settle_s:.1f} s not measured), at most {budget} requests each"
     )
 
-    driver: Driver = (
-        DistributedDriver(plan, config.processes) if config.processes > 1 else LocalDriver(plan)
-    )
+    try:
+        driver: Driver = (
+            DistributedDriver(plan, config.processes) if config.processes > 1 else LocalDriver(plan)
+        )
+    except RuntimeError as exc:
+        log(f"loadtest: {exc}")
+        return 1
     steps: list[dict[str, Any]] = []
     first_scrape: list[Scrape] | None = None
     last_scrape: list[Scrape] = []

@@ -162,6 +162,15 @@ def test_refuses_a_target_that_is_not_loopback(tmp_path: Path) -> None:
     assert not (tmp_path / "report.json").exists()
 
 
+def test_unknown_model_or_backend_is_a_settings_error(standin: Server, tmp_path: Path) -> None:
+    for setting in ({"LOADTEST_MODEL": "resnet9000"}, {"LOADTEST_BACKENDS": "auto"}):
+        env = {"LOADTEST_URL": standin.url, "LOADTEST_OUT": str(tmp_path), **setting}
+        result = run_loadtest(env)
+        assert result.returncode == 2, result.stderr
+        assert next(iter(setting)) in result.stderr
+    assert _seen(standin).get("inference", 0) == 0
+
+
 def test_server_that_never_gets_ready_stops_the_run(tmp_path: Path) -> None:
     port = free_port()  # nothing listens there
     env = {"LOADTEST_URL": f"http://127.0.0.1:{port}", "LOADTEST_READY_TIMEOUT_S": "1",

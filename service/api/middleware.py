@@ -76,6 +76,11 @@ class ServiceMiddleware:
             if route is None:
                 await self.app(scope, self._limited(receive, limit), send_tracking)
                 return
+            if state.draining:
+                # Decided at admission: requests already inside finish, new ones are refused.
+                error = state.refuse_while_draining(route[1])
+                await _send_json(send_tracking, 503, {"error": error.message}, error.headers)
+                return
             async with state.tracked():  # a drain waits for these
                 await self.app(scope, self._limited(receive, limit), send_tracking)
         finally:

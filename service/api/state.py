@@ -140,13 +140,15 @@ class ServiceState:
     def _count_refusal(self, model: str, reason: str) -> None:
         self.metrics.rejected.labels(model, reason).inc()
 
+    def refuse_while_draining(self, model: str) -> ShuttingDownError:
+        """The error for an inference request that arrives after the drain began."""
+        self._count_refusal(self.model_label(model), "shutting_down")
+        return ShuttingDownError(
+            "the server is shutting down; retry on another replica", self.settings.retry_after_s
+        )
+
     def _batcher(self, model: ModelDescription, backend: str) -> BatchQueue:
-        if self.draining:
-            self._count_refusal(model.name, "shutting_down")
-            raise ShuttingDownError(
-                "the server is shutting down; retry on another replica",
-                self.settings.retry_after_s,
-            )
+        # Draining is checked at admission (middleware): requests admitted before it finish.
         if not self.ready:
             self._count_refusal(model.name, "not_ready")
             raise NotReadyError(self.not_ready_reason() or "not ready", self.settings.retry_after_s)

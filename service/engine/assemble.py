@@ -140,9 +140,16 @@ def build_backend(
                 device, precision, dtype, channels_last=channels_last, cuda_graphs=cuda_graphs
             )
             timings = tune(
-                prepared.layers.values(), dense, sparse, buckets, timer,
-                cache or TuningCache(None), device_name(device), precision, on_layer,
-            )  # fmt: skip
+                prepared.layers.values(),
+                dense,
+                sparse,
+                buckets,
+                timer,
+                cache or TuningCache(None),
+                device_name(device),
+                precision,
+                on_layer,
+            )
         for name in prepared.layers:
             per_bucket = timings.get(name, {})
             choices[name] = {b: str(t["choice"]) for b, t in per_bucket.items()} or {0: "dense"}

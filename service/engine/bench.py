@@ -230,10 +230,19 @@ def run_bench(
                 bar.set_postfix_str(f"{source.name} {config}")
             try:
                 got = bench_config(
-                    prepared, source.name, config, device, batches, inputs,
-                    cuda_graphs=cuda_graphs, reps=reps, budget_s=budget_s, cache=cache,
-                    plan_factory=plan_factory, sparse_ops=sparse_ops,
-                )  # fmt: skip
+                    prepared,
+                    source.name,
+                    config,
+                    device,
+                    batches,
+                    inputs,
+                    cuda_graphs=cuda_graphs,
+                    reps=reps,
+                    budget_s=budget_s,
+                    cache=cache,
+                    plan_factory=plan_factory,
+                    sparse_ops=sparse_ops,
+                )
             except (BackendUnavailableError, RuntimeError, ValueError) as exc:
                 log.warning("%s %s failed: %s", source.name, config, exc)
                 got = [{"model": source.name, "config": config, "error": str(exc)}]
@@ -342,11 +351,17 @@ def main(argv: list[str] | None = None) -> int:
         lambda name=name: load_source(name, args.models_dir, progress=False) for name in args.models
     ]
     rows = run_bench(
-        loaders, args.configs, args.batches, device,
-        cuda_graphs=not args.no_graphs, reps=args.reps, budget_s=args.budget_s,
+        loaders,
+        args.configs,
+        args.batches,
+        device,
+        cuda_graphs=not args.no_graphs,
+        reps=args.reps,
+        budget_s=args.budget_s,
         cache=TuningCache(Path(args.cache_dir) / "autotune.json"),
-        progress=not args.no_progress, on_model=save,
-    )  # fmt: skip
+        progress=not args.no_progress,
+        on_model=save,
+    )
     save(rows)
     png = bench_report.plot(rows, out / f"{stem}.png")
     print(bench_report.summary_table(rows))

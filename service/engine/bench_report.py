@@ -60,8 +60,13 @@ def targets(rows: list[dict]) -> list[dict[str, Any]]:
             if auto is not None and single is not None:
                 add(
                     f"auto {precision} / best single (<= {AUTO_NOISE})",
-                    model, batch, auto / single[1], AUTO_NOISE, False, f"best single: {single[0]}",
-                )  # fmt: skip
+                    model,
+                    batch,
+                    auto / single[1],
+                    AUTO_NOISE,
+                    False,
+                    f"best single: {single[0]}",
+                )
     return out
 
 

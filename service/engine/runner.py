@@ -142,8 +142,13 @@ class Runner:
         except RuntimeError as exc:
             # Some library calls cannot be captured (they sync or allocate on the host);
             # that bucket then runs eagerly, which is slower but still correct.
-            log.warning("%s/%s: bucket %d runs eagerly, capture failed: %s",
-                        self.model_name, self.backend, b, exc)  # fmt: skip
+            log.warning(
+                "%s/%s: bucket %d runs eagerly, capture failed: %s",
+                self.model_name,
+                self.backend,
+                b,
+                exc,
+            )
             torch.cuda.synchronize(self.device)
             self.eager_buckets.add(b)
             return self.forward(x)

@@ -49,9 +49,15 @@ def test_auto_follows_injected_timings(tmp_path, stand_in_plan) -> None:
     timer = FakeTimer({"features.3", "features.8"})
     cache = TuningCache(tmp_path / "autotune.json")
     built = build_backend(
-        prepared, "auto", CPU, "fp32", buckets=(1, 2, 4), cache=cache, timer=timer,
+        prepared,
+        "auto",
+        CPU,
+        "fp32",
+        buckets=(1, 2, 4),
+        cache=cache,
+        timer=timer,
         plan_factory=stand_in_plan,
-    )  # fmt: skip
+    )
     assert built.choices["features.3"] == {1: "sparse", 2: "sparse", 4: "dense"}
     assert built.choices["features.0"] == {1: "dense", 2: "dense", 4: "dense"}
     mod = built.module
@@ -71,9 +77,14 @@ def test_auto_follows_injected_timings(tmp_path, stand_in_plan) -> None:
 def test_auto_is_exact_whatever_it_picks(stand_in_plan) -> None:
     prepared = _prepared()
     built = build_backend(
-        prepared, "auto", CPU, "fp32", buckets=(1, 2), timer=FakeTimer({"features.0"}),
+        prepared,
+        "auto",
+        CPU,
+        "fp32",
+        buckets=(1, 2),
+        timer=FakeTimer({"features.0"}),
         plan_factory=stand_in_plan,
-    )  # fmt: skip
+    )
     dense = build_backend(prepared, "dense", CPU, "fp32")
     x = torch.randn(3, 3, 64, 64)
     with torch.inference_mode():
@@ -86,9 +97,15 @@ def test_cache_is_reused_and_keyed_by_pattern(tmp_path, stand_in_plan) -> None:
     prepared = _prepared()
     first = FakeTimer({"features.6"})
     build_backend(
-        prepared, "auto", CPU, "fp32", buckets=(1,), cache=TuningCache(path), timer=first,
+        prepared,
+        "auto",
+        CPU,
+        "fp32",
+        buckets=(1,),
+        cache=TuningCache(path),
+        timer=first,
         plan_factory=stand_in_plan,
-    )  # fmt: skip
+    )
     assert path.exists() and first.calls
     data = json.loads(path.read_text())
     assert len(data["entries"]) == 5
@@ -96,9 +113,15 @@ def test_cache_is_reused_and_keyed_by_pattern(tmp_path, stand_in_plan) -> None:
     # A fresh process reads the decisions back and times nothing.
     second = FakeTimer(set())
     built = build_backend(
-        prepared, "auto", CPU, "fp32", buckets=(1,), cache=TuningCache(path), timer=second,
+        prepared,
+        "auto",
+        CPU,
+        "fp32",
+        buckets=(1,),
+        cache=TuningCache(path),
+        timer=second,
         plan_factory=stand_in_plan,
-    )  # fmt: skip
+    )
     assert second.calls == []
     assert built.choices["features.6"] == {1: "sparse"}
 

@@ -17,10 +17,15 @@ def test_bench_rows_targets_and_files(tmp_path, plan_factory) -> None:
     model = magnitude_prune(randomize_batchnorm(torchvision.models.resnet18().eval()), 0.9)
     source = ModelSource("resnet50-uniform90", "resnet18", model, PREP, LABELS)
     rows = bench.run_bench(
-        [source], ("sparse-fp32", "dense-fp32", "auto-fp32", "im2col-cusparse", "dense-fp16"),
-        (2, 1), torch.device("cpu"), reps=3, budget_s=0.5, plan_factory=plan_factory,
+        [source],
+        ("sparse-fp32", "dense-fp32", "auto-fp32", "im2col-cusparse", "dense-fp16"),
+        (2, 1),
+        torch.device("cpu"),
+        reps=3,
+        budget_s=0.5,
+        plan_factory=plan_factory,
         progress=False,
-    )  # fmt: skip
+    )
     assert [(r["config"], r["batch"]) for r in rows][:2] == [("dense-fp32", 1), ("dense-fp32", 2)]
     assert len(rows) == 10 and all("error" not in r for r in rows)
     for row in rows:

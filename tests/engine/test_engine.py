@@ -123,9 +123,12 @@ def test_concurrent_callers_get_their_own_results(engine) -> None:
 def test_profiling_samples_one_batch_in_n(tmp_path, stand_in_plan) -> None:
     calls: list[tuple] = []
     engine = _engine(
-        tmp_path, ("sparse",), stand_in_plan, observer=lambda *a: calls.append(a),
+        tmp_path,
+        ("sparse",),
+        stand_in_plan,
+        observer=lambda *a: calls.append(a),
         layer_profile_every=3,
-    )  # fmt: skip
+    )
     runner = engine.runner("tiny-resnet", "sparse")
     layers = {name for name, _ in runner.profiler.layers}
     batch = np.zeros((2, 3, 64, 64), np.float32)
@@ -207,9 +210,12 @@ def test_concurrent_profiling_with_shared_sparse_ops(tmp_path, stand_in_plan) ->
         return 1.0 if op.op_kind == "conv_dense" else 0.5
 
     spec = EngineSpec(
-        models=("tiny-resnet",), backends=("sparse", "auto"), device="cpu",
-        layer_profile_every=1, cache_dir=str(tmp_path),
-    )  # fmt: skip
+        models=("tiny-resnet",),
+        backends=("sparse", "auto"),
+        device="cpu",
+        layer_profile_every=1,
+        cache_dir=str(tmp_path),
+    )
     engine = TorchEngine(
         spec, [_source()], observe, progress=False, plan_factory=stand_in_plan, timer=timer
     )

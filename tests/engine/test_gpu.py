@@ -189,8 +189,12 @@ def test_real_timer_and_cache_on_gpu(tmp_path) -> None:
         for entry in timings.values():
             assert 0 < entry["dense"] < 1 and 0 < entry["sparse"] < 1
     again = build_backend(
-        prepared, "auto", cuda, "fp32", buckets=(1, 8),
+        prepared,
+        "auto",
+        cuda,
+        "fp32",
+        buckets=(1, 8),
         cache=TuningCache(tmp_path / "autotune.json"),
         timer=lambda *a: pytest.fail("the cache should have answered"),
-    )  # fmt: skip
+    )
     assert again.choices == built.choices

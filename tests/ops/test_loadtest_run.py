@@ -259,9 +259,10 @@ def test_scaling_runs_one_and_two_replicas(tmp_path: Path) -> None:
     assert [s["users"] for s in two["steps"]] == [2, 4, 2, 4]  # concurrency scales with GPUs
     assert len(two["config"]["urls"]) == 2
     for step in two["steps"]:
-        # Both replicas were scraped: their answers add up to what the client saw.
+        # Both replicas were scraped: their answers add up to what the client saw (one replica
+        # alone would show about half), give or take what finished while the scrapes ran.
         served = step["server"]["requests_by_code"]["200"]
-        assert served == pytest.approx(step["ok"], rel=0.1, abs=6)
+        assert 0.75 * step["ok"] <= served <= 1.25 * step["ok"] + 10, (step["ok"], served)
     for backend, row in summary["backends"].items():
         peak = max(s["images_per_s"] for s in two["steps"] if s["phase"] == backend)
         assert row["peak_images_per_s"]["2"] == pytest.approx(peak)

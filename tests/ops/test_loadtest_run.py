@@ -152,7 +152,8 @@ def test_several_load_processes_report_every_request(standin: Server, tmp_path: 
         # The workers' samples all reached the master: the server counted as many answers in
         # the same window, give or take those that straddle its edges.
         served = step["server"]["requests_by_code"]["200"]
-        assert step["ok"] == pytest.approx(served, rel=0.15, abs=4 * step["users"])
+        # (a lost worker's share would leave about half).
+        assert 0.75 * served <= step["ok"] <= served + 2 * step["users"], (step["ok"], served)
 
 
 def test_refuses_a_target_that_is_not_loopback(tmp_path: Path) -> None:

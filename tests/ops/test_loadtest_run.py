@@ -150,9 +150,9 @@ def test_several_load_processes_report_every_request(standin: Server, tmp_path: 
     for step in report["steps"]:
         assert step["ok"] > 10 and step["errors"] == {}
         # The workers' samples all reached the master: the server counted as many answers in
-        # the same window, give or take those that straddle its edges.
+        # the same window, give or take those that straddle its edges (a lost worker's share
+        # would leave about half).
         served = step["server"]["requests_by_code"]["200"]
-        # (a lost worker's share would leave about half).
         assert 0.75 * served <= step["ok"] <= served + 2 * step["users"], (step["ok"], served)
 
 

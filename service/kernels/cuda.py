@@ -173,6 +173,7 @@ def kernel_params(
         TIH=tih,
         TIW=tiw,
         CC=config.chunk_channels,
+        pitch=config.row_pitch(geometry),
         tiles_w=w_t,
         tiles_h=h_t,
         rec_stride=meta.rec_stride,

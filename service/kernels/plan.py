@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from service.kernels import cuda as cuda_backend
+from service.kernels.metadata import EscortMeta, build_meta
 from service.kernels.reference import check_activation, conv2d_reference
 from service.kernels.stretched_csr import (
     ConvGeometry,
@@ -23,7 +24,7 @@ from service.kernels.stretched_csr import (
     make_geometry,
     stretch,
 )
-from service.kernels.tiling import EscortMeta, TileConfig, build_meta, candidate_configs
+from service.kernels.tiling import TileConfig, candidate_configs
 from service.kernels.tiling import default_config as _default_config
 
 IMPLS = ("auto", "cuda", "reference")

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from service.kernels.cuda import kernel_params
+from service.kernels.metadata import build_meta
 from service.kernels.stretched_csr import SparseWeight, make_geometry
 from service.kernels.tiling import (
     MAX_ACCUMULATORS,
     STAGE_FLOATS,
-    build_meta,
     candidate_configs,
     default_config,
 )

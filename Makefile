@@ -16,16 +16,16 @@ run: $(STAMP)
 	$(BIN)/escort serve
 
 test: $(STAMP)
-	$(BIN)/ruff check service tests loadtest bench
+	$(BIN)/ruff check service tests loadtest bench deploy
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check service tests loadtest bench
-	$(BIN)/ruff format --check service tests loadtest bench
+	$(BIN)/ruff check service tests loadtest bench deploy
+	$(BIN)/ruff format --check service tests loadtest bench deploy
 
 format: $(STAMP)
-	$(BIN)/ruff format service tests loadtest bench
-	$(BIN)/ruff check --fix service tests loadtest bench
+	$(BIN)/ruff format service tests loadtest bench deploy
+	$(BIN)/ruff check --fix service tests loadtest bench deploy
 
 loadtest: $(STAMP)
 	$(BIN)/python -m loadtest.run

@@ -14,6 +14,7 @@ import sys
 _COMMANDS = {
     "serve": ("service.app", "run the HTTP service (settings from ESCORT_* variables)"),
     "prune": ("service.engine.prune_cli", "write a pruned checkpoint and a sparsity report"),
+    "fetch-models": ("service.engine.fetch_cli", "check that the configured models' weights load"),
 }
 _BENCHES = {
     "layers": ("service.kernels.bench", "time the Escort kernel against cuDNN and lowering"),

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from service.kernels.escort_cuda import KERNEL_NAMES, PORT_NAME, SOURCE, kernel_name
-from service.kernels.metadata import EscortMeta
 from service.kernels.stretched_csr import ConvGeometry
+from service.kernels.tiling import EscortMeta
 
 ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2}
 
@@ -173,7 +173,6 @@ def kernel_params(
         TIH=tih,
         TIW=tiw,
         CC=config.chunk_channels,
-        pitch=config.row_pitch(geometry),
         tiles_w=w_t,
         tiles_h=h_t,
         rec_stride=meta.rec_stride,

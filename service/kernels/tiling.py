@@ -1,4 +1,4 @@
-"""How the Escort CUDA kernel splits a layer into blocks and chunks. Pure torch, no CUDA.
+"""How the Escort CUDA kernel splits a layer, and the metadata it reads. Pure torch, no CUDA.
 
 The kernel computes a block of `KB` output channels (rows) over a tile of output pixels: `NB`
 images x `TH` x `TW`. The input window of the tile (halo and zero padding included) is staged in
@@ -10,15 +10,23 @@ the block that has a nonzero on it. When a layer has too few (tile, row block) p
 GPU (batch 1, small maps), the channel chunks are split over `S` blocks whose partial sums meet
 in a workspace.
 
-The metadata each config needs is built by metadata.py.
+Rows are sorted by nonzero count (for groups == 1), so the warps of a block finish their chunks
+together. The metadata per (geometry, config), staged with each chunk by cp.async:
+  meta    int32 [M, 2]  one record per (row block, chunk): a header of KB + 1 row offsets
+                        (packed two per slot), then (float bits of value, byte offset in the window)
+  recptr  int32 [KBLK, R]  start of each record in `meta` (R = max chunks + 1)
+  perm    int32 [K]     the output channel of sorted row p
+  blocks  int32 [KBLK, 2]  first input channel and channel count staged by each row block
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from service.kernels.stretched_csr import ConvGeometry
+import torch
+
+from service.kernels.stretched_csr import ConvGeometry, SparseWeight
 
 # Compiled instantiations of the kernel: pixels per lane x rows per warp.
 PIXELS_PER_LANE = (2, 4, 8)
@@ -44,7 +52,6 @@ class TileConfig:
     tile_w: int  # TW
     chunk_channels: int  # CC
     splits: int = 1  # S: blocks sharing one (tile, row block), each with a run of chunks
-    pitch: int = 0  # shared-memory row stride of the window; 0 means its width (TIW)
 
     def __post_init__(self) -> None:
         if self.pixels_per_lane not in PIXELS_PER_LANE or self.rows_per_warp not in ROWS_PER_WARP:
@@ -74,12 +81,9 @@ class TileConfig:
             (self.tile_w - 1) * sw + (s - 1) * dw + 1,
         )
 
-    def row_pitch(self, geometry: ConvGeometry) -> int:
-        return self.pitch or self.window(geometry)[1]
-
     def chunk_floats(self, geometry: ConvGeometry) -> int:
-        tih, _ = self.window(geometry)
-        return self.images * self.chunk_channels * tih * self.row_pitch(geometry)
+        tih, tiw = self.window(geometry)
+        return self.images * self.chunk_channels * tih * tiw
 
     def tiles(self, geometry: ConvGeometry, batch: int) -> tuple[int, int, int]:
         """(tiles along N, along H, along W)."""
@@ -136,39 +140,6 @@ def fits_shared(chunk_floats: int, record_max: int) -> bool:
     return 2 * (4 * chunk_floats + 8 * record_max) <= SHARED_BYTES
 
 
-def bank_conflicts(
-    pixels_per_lane: int, tile: tuple[int, int, int], stride_h: int, stride_w: int, pitch: int
-) -> float:
-    """Mean over a lane's pixel groups of the worst shared-memory bank multiplicity of one
-    load (1.0: conflict-free), for the first image of the tile."""
-    _, th_n, tw_n = tile
-    worst = []
-    for i in range(pixels_per_lane):
-        banks: dict[int, int] = {}
-        for lane in range(32):
-            j = lane + 32 * i
-            if j >= th_n * tw_n:
-                continue
-            address = (j // tw_n) * stride_h * pitch + (j % tw_n) * stride_w
-            banks[address % 32] = banks.get(address % 32, 0) + 1
-        if banks:
-            worst.append(max(banks.values()))
-    return sum(worst) / len(worst) if worst else 1.0
-
-
-def _best_pitch(geometry: ConvGeometry, p: int, tile: tuple[int, int, int]) -> int:
-    """The narrowest row stride, at most 2.5x the window width, with the fewest bank
-    conflicts on the inner loop's loads (a 2-way conflict halves shared-memory throughput)."""
-    (_, s), (_, dw), (sh, sw) = geometry.kernel_size, geometry.dilation, geometry.stride
-    tiw = (tile[2] - 1) * sw + (s - 1) * dw + 1
-    best, best_cost = tiw, bank_conflicts(p, tile, sh, sw, tiw)
-    for pitch in range(tiw + 1, int(tiw * 2.5) + 1):
-        cost = bank_conflicts(p, tile, sh, sw, pitch)
-        if cost < best_cost - 1e-9:
-            best, best_cost = pitch, cost
-    return best
-
-
 def make_config(
     geometry: ConvGeometry,
     batch: int,
@@ -176,25 +147,17 @@ def make_config(
     rows_per_block: int,
     density: float = 1.0,
     splits: int | None = None,
-    tile: tuple[int, int, int] | None = None,
-    pad_banks: bool = True,
 ) -> TileConfig | None:
     """The config with P pixels per lane and `rows_per_block` rows, or None if it cannot be
     built (too many accumulators, or a window too large to stage). `density` (nonzeros per
-    weight) sizes the metadata buffer; `splits` None picks enough splits to fill the GPU;
-    `tile` (NB, TH, TW) overrides the tile; `pad_banks` widens the shared rows when that
-    removes bank conflicts."""
-    nb, th, tw = tile or _tile_for(geometry, batch, p)
-    if nb * th * tw > 32 * p:
-        return None
+    weight) sizes the metadata buffer; `splits` None picks enough splits to fill the GPU."""
+    nb, th, tw = _tile_for(geometry, batch, p)
     warps = max(1, min(8, rows_per_block))
     kw = max(1, rows_per_block // warps)
     if kw not in ROWS_PER_WARP or p * kw > MAX_ACCUMULATORS:
         return None
     (r, s), (dh, dw), (sh, sw) = geometry.kernel_size, geometry.dilation, geometry.stride
-    tiw = (tw - 1) * sw + (s - 1) * dw + 1
-    pitch = _best_pitch(geometry, p, (nb, th, tw)) if pad_banks else tiw
-    per_channel = nb * ((th - 1) * sh + (r - 1) * dh + 1) * pitch
+    per_channel = nb * ((th - 1) * sh + (r - 1) * dh + 1) * ((tw - 1) * sw + (s - 1) * dw + 1)
     kb = warps * kw
     span = _max_block_span(geometry, kb)
     cc = max(1, min(span, STAGE_FLOATS // per_channel))
@@ -202,8 +165,7 @@ def make_config(
         cc = max(1, cc * 3 // 4)
     if not fits_shared(cc * per_channel, _record_estimate(kb, cc, geometry, density)):
         return None
-    pitch_field = 0 if pitch == tiw else pitch
-    config = TileConfig(p, kw, warps, nb, th, tw, cc, pitch=pitch_field)
+    config = TileConfig(p, kw, warps, nb, th, tw, cc)
     chunks = -(-span // cc)
     if splits is None:
         blocks = config.blocks(geometry, batch)
@@ -212,16 +174,7 @@ def make_config(
     if splits > chunks:  # smaller chunks, so that every split has one
         cc = -(-span // splits)
         splits = -(-span // cc)
-    return TileConfig(p, kw, warps, nb, th, tw, cc, splits, pitch_field)
-
-
-def _row_tile(geometry: ConvGeometry, p: int) -> tuple[int, int, int] | None:
-    """Tiles of whole 32-pixel output rows (pixel group i = row i): conflict-free loads at
-    stride 1 without padding. Only for maps at least 24 wide."""
-    oh, ow = geometry.output_hw
-    if ow < 24 or geometry.stride[1] != 1:
-        return None
-    return (1, min(p, oh), 32)
+    return TileConfig(p, kw, warps, nb, th, tw, cc, splits)
 
 
 def _max_block_span(geometry: ConvGeometry, rows_per_block: int) -> int:
@@ -236,10 +189,9 @@ def _max_block_span(geometry: ConvGeometry, rows_per_block: int) -> int:
 def default_config(geometry: ConvGeometry, batch: int, density: float = 1.0) -> TileConfig:
     """A config chosen from the shape alone, without timing (`SparseConvPlan.tune` measures).
 
-    From H100 tuning runs of the layer suite: two pixels per lane win on most layers, four on
-    112x112 and larger maps, eight on the few-channel stem; as many rows per block as still give
-    two blocks per SM; split the chunks only for long reductions (4+ chunks), else use fewer
-    rows per block."""
+    From H100 tuning runs of the layer suite: two pixels per lane and 8x8-ish tiles win on most
+    layers, four on 112x112 and larger maps, eight on the few-channel stem; as many rows per
+    block as still give two blocks per SM; split the chunks when even 32 rows leave SMs idle."""
     oh, ow = geometry.output_hw
     if geometry.channels_per_group <= 4 and geometry.groups == 1 and batch > 1:
         p = 8
@@ -247,50 +199,133 @@ def default_config(geometry: ConvGeometry, batch: int, density: float = 1.0) -> 
         p = 4
     else:
         p = 2
-    tile = _row_tile(geometry, p)
     for kb in (64, 32):
-        config = make_config(geometry, batch, p, kb, density, splits=1, tile=tile)
+        config = make_config(geometry, batch, p, kb, density, splits=1)
         if config is not None and config.blocks(geometry, batch) >= TARGET_BLOCKS:
             return config
-    config = make_config(geometry, batch, p, 32, density, splits=1, tile=tile)
-    if config is not None and -(-_max_block_span(geometry, 32) // config.chunk_channels) >= 4:
-        split = make_config(geometry, batch, p, 32, density, tile=tile)
-        if split is not None:
-            return split
-    for kb in (32, 16, 8):
-        config = make_config(geometry, batch, p, kb, density, splits=1, tile=tile)
-        if config is not None and config.blocks(geometry, batch) >= TARGET_BLOCKS // 2:
-            return config
-    for kb in (8, 4):
-        config = make_config(geometry, batch, p, kb, density, splits=1, tile=tile)
+    for kb in (32, 16, 8, 4):
+        config = make_config(geometry, batch, p, kb, density)
         if config is not None:
             return config
     raise ValueError(f"no kernel configuration fits {geometry}")  # pragma: no cover
 
 
-def candidate_configs(
-    geometry: ConvGeometry, batch: int, density: float = 1.0, limit: int | None = None
-) -> list[TileConfig]:
-    """The configs worth timing for this shape, the default first, then its nearest variants
-    (same pixels per lane, similar rows per block); `limit` keeps the first few."""
-    default = default_config(geometry, batch, density)
-    found: list[TileConfig] = []
+def candidate_configs(geometry: ConvGeometry, batch: int, density: float = 1.0) -> list[TileConfig]:
+    """The configs worth timing for this shape, the default first."""
+    seen = [default_config(geometry, batch, density)]
     for p in PIXELS_PER_LANE:
-        for tile in dict.fromkeys([None, _row_tile(geometry, p)]):
-            for kb in (8, 16, 32, 64):
-                for splits in (1, None):
-                    config = make_config(geometry, batch, p, kb, density, splits, tile)
-                    if config is not None and config != default and config not in found:
-                        found.append(config)
+        for kb in (4, 8, 16, 32, 64):
+            for splits in (1, None):
+                config = make_config(geometry, batch, p, kb, density, splits)
+                if config is not None and config not in seen:
+                    seen.append(config)
+    return seen
 
-    def distance(c: TileConfig) -> tuple[int, float, int, int]:
-        return (
-            c.pixels_per_lane != default.pixels_per_lane,
-            abs(math.log2(c.rows_per_block / default.rows_per_block)),
-            c.splits != default.splits,
-            c.tile_w != default.tile_w,
+
+@dataclass(frozen=True)
+class EscortMeta:
+    config: TileConfig  # as built: the chunk size may be smaller than the one asked for
+    window: tuple[int, int]  # (TIH, TIW)
+    meta: torch.Tensor  # int32 [M, 2]
+    recptr: torch.Tensor  # int32 [KBLK, rec_stride]
+    perm: torch.Tensor  # int32 [K]
+    blocks: torch.Tensor  # int32 [KBLK, 2]
+    rec_stride: int
+    record_max: int  # int2 slots of the longest record
+
+    def to(self, device: torch.device | str) -> EscortMeta:
+        return EscortMeta(
+            config=self.config,
+            window=self.window,
+            meta=self.meta.to(device),
+            recptr=self.recptr.to(device),
+            perm=self.perm.to(device),
+            blocks=self.blocks.to(device),
+            rec_stride=self.rec_stride,
+            record_max=self.record_max,
         )
 
-    found.sort(key=distance)
-    configs = [default, *found]
-    return configs if limit is None else configs[:limit]
+
+def build_meta(weight: SparseWeight, geometry: ConvGeometry, config: TileConfig) -> EscortMeta:
+    """The kernel's metadata for one (geometry, config); CPU tensors. Shrinks the chunk when a
+    record would not fit in shared memory."""
+    while True:
+        meta = _build_meta(weight, geometry, config)
+        if fits_shared(config.chunk_floats(geometry), meta.record_max):
+            return meta
+        if config.chunk_channels == 1:
+            raise ValueError(f"{config} cannot stage one channel of {geometry}")
+        config = replace(config, chunk_channels=max(1, config.chunk_channels * 3 // 4))
+
+
+def _build_meta(weight: SparseWeight, geometry: ConvGeometry, config: TileConfig) -> EscortMeta:
+    k_out, kg, cg = geometry.out_channels, geometry.outputs_per_group, geometry.channels_per_group
+    kb = config.rows_per_block
+    tih, tiw = config.window(geometry)
+    cc = config.chunk_channels
+    dh, dw = geometry.dilation
+    header = config.header_slots()
+
+    counts = weight.row_nnz
+    if geometry.groups == 1:
+        # Stable, so equal counts keep channel order (deterministic metadata).
+        perm = torch.sort(counts, descending=True, stable=True).indices
+    else:
+        perm = torch.arange(k_out)
+    n_blocks = config.row_blocks(geometry)
+    first_row = torch.arange(n_blocks) * kb
+    last_row = torch.clamp(first_row + kb, max=k_out) - 1
+    if geometry.groups == 1:
+        blocks = torch.stack([torch.zeros_like(first_row), torch.full_like(first_row, cg)], 1)
+    else:
+        g_lo, g_hi = first_row // kg, last_row // kg
+        blocks = torch.stack([g_lo * cg, (g_hi - g_lo + 1) * cg], 1)
+    max_chunks = int(math.ceil(int(blocks[:, 1].max()) / cc))
+
+    pos_of_row = torch.empty(k_out, dtype=torch.int64)
+    pos_of_row[perm] = torch.arange(k_out)
+    pos = pos_of_row[weight.rows]  # sorted row of every nonzero
+    block = pos // kb
+    chan_abs = (weight.rows // kg) * cg + weight.chans
+    rel = chan_abs - blocks[block, 0]
+    chunk, local = rel // cc, rel % cc
+    offset = (local * tih + weight.taps_r * dh) * tiw + weight.taps_s * dw
+    record = block * max_chunks + chunk
+    row_in_block = pos % kb
+    # Group by record, then row; stable, so each row keeps its (c, r, s) order.
+    order = torch.sort(record * kb + row_in_block, stable=True).indices
+
+    n_records = n_blocks * max_chunks
+    per_row = torch.bincount(record * kb + row_in_block, minlength=n_records * kb)
+    per_row = per_row.view(n_records, kb)
+    lengths = header + per_row.sum(1)
+    starts = torch.zeros(n_records + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=starts[1:])
+
+    meta = torch.zeros(int(starts[-1]), 2, dtype=torch.int32)
+    row_offsets = torch.zeros(n_records, 2 * header, dtype=torch.int64)
+    torch.cumsum(per_row, 1, out=row_offsets[:, 1 : kb + 1])
+    slots = torch.arange(header)
+    meta[(starts[:-1, None] + slots[None, :]).reshape(-1)] = row_offsets.view(-1, 2).to(torch.int32)
+
+    sorted_record = record[order]
+    first_in_record = torch.zeros(n_records + 1, dtype=torch.int64)
+    torch.cumsum(lengths - header, 0, out=first_in_record[1:])
+    rank = torch.arange(weight.nnz) - first_in_record[sorted_record]
+    where = starts[sorted_record] + header + rank
+    meta[where, 0] = weight.values[order].view(torch.int32)
+    meta[where, 1] = (4 * offset[order]).to(torch.int32)  # bytes: the kernel adds addresses
+
+    recptr = torch.cat(
+        [starts[:-1].view(n_blocks, max_chunks), starts[1:].view(n_blocks, max_chunks)[:, -1:]], 1
+    )
+    return EscortMeta(
+        config=config,
+        window=(tih, tiw),
+        meta=meta,
+        recptr=recptr.to(torch.int32).contiguous(),
+        perm=perm.to(torch.int32),
+        blocks=blocks.to(torch.int32).contiguous(),
+        rec_stride=max_chunks + 1,
+        record_max=int(lengths.max()),
+    )

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from service.kernels.cuda import kernel_params
-from service.kernels.metadata import build_meta
 from service.kernels.stretched_csr import SparseWeight, make_geometry
 from service.kernels.tiling import (
     MAX_ACCUMULATORS,
     STAGE_FLOATS,
+    build_meta,
     candidate_configs,
     default_config,
 )
@@ -111,6 +111,38 @@ def test_staging_writes_every_element_once(shape, batch) -> None:
         meta = build_meta(sparse, geometry, config)
         params = kernel_params(geometry, meta, batch, None)
         written = staged_indices(params, meta.config.threads)
-        pitch, tiw = params["pitch"], params["TIW"]
-        cells = [i for i in range(params["chunk_floats"]) if i % pitch < tiw]
-        assert sorted(written) == cells
+        assert sorted(written) == list(range(params["chunk_floats"]))
+
+
+def test_parameter_struct_matches_the_cuda_source() -> None:
+    """The numpy struct passed by value must be EscortParams field for field, with C's layout;
+    every field kernel_params fills must exist in it."""
+    import re
+
+    from service.kernels.cuda import PARAMS_DTYPE
+    from service.kernels.escort_cuda import SOURCE
+
+    body = re.search(r"struct EscortParams \{(.*?)\};", SOURCE, re.S).group(1)
+    fields: list[tuple[str, str]] = []
+    for line in body.splitlines():
+        line = line.split("//")[0].strip().rstrip(";")
+        if not line:
+            continue
+        ctype, names = re.match(r"(unsigned long long|unsigned int|int)\s+(.*)", line).groups()
+        fields += [(ctype, name.strip()) for name in names.split(",")]
+    assert list(PARAMS_DTYPE.names) == [name for _, name in fields]
+    sizes = {"unsigned long long": 8, "unsigned int": 4, "int": 4}
+    offset = 0
+    for ctype, name in fields:
+        size = sizes[ctype]
+        offset = -(-offset // size) * size
+        assert PARAMS_DTYPE.fields[name][1] == offset, name
+        assert PARAMS_DTYPE.fields[name][0].itemsize == size, name
+        offset += size
+    assert PARAMS_DTYPE.itemsize == -(-offset // 8) * 8
+
+    gen = torch.Generator().manual_seed(1)
+    weight = prune(torch.randn(8, 4, 3, 3, generator=gen), 0.5, gen)
+    geometry = make_geometry(weight.shape, (9, 9), padding=1)
+    meta = build_meta(SparseWeight.from_dense(weight), geometry, default_config(geometry, 2))
+    assert set(kernel_params(geometry, meta, 2, "relu")) == set(PARAMS_DTYPE.names)

@@ -203,10 +203,13 @@ def default_config(geometry: ConvGeometry, batch: int, density: float = 1.0) -> 
         config = make_config(geometry, batch, p, kb, density, splits=1)
         if config is not None and config.blocks(geometry, batch) >= TARGET_BLOCKS:
             return config
-    for kb in (32, 16, 8, 4):
-        config = make_config(geometry, batch, p, kb, density)
-        if config is not None:
-            return config
+    # Large strided windows (AlexNet's 11x11/4 stem) do not stage at 8 pixels per lane: fall
+    # back to fewer pixels per lane before giving up.
+    for lane_pixels in sorted({p, *PIXELS_PER_LANE}, key=lambda q: (q != p, -q)):
+        for kb in (32, 16, 8, 4):
+            config = make_config(geometry, batch, lane_pixels, kb, density)
+            if config is not None:
+                return config
     raise ValueError(f"no kernel configuration fits {geometry}")  # pragma: no cover
 
 

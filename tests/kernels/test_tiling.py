@@ -146,3 +146,22 @@ def test_parameter_struct_matches_the_cuda_source() -> None:
     geometry = make_geometry(weight.shape, (9, 9), padding=1)
     meta = build_meta(SparseWeight.from_dense(weight), geometry, default_config(geometry, 2))
     assert set(kernel_params(geometry, meta, 2, "relu")) == set(PARAMS_DTYPE.names)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 32])
+def test_large_strided_stems_get_a_config(batch: int) -> None:
+    """AlexNet's conv1 (3->64, 11x11, stride 4) stages only at fewer pixels per lane."""
+    from service.kernels.tiling import ConvGeometry, default_config
+
+    geometry = ConvGeometry(
+        in_channels=3,
+        out_channels=64,
+        groups=1,
+        kernel_size=(11, 11),
+        stride=(4, 4),
+        dilation=(1, 1),
+        padding=(2, 2, 2, 2),
+        input_hw=(224, 224),
+    )
+    config = default_config(geometry, batch, density=0.84)
+    assert config.blocks(geometry, batch) >= 1

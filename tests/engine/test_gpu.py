@@ -115,7 +115,9 @@ def test_bucket_padding_ignores_stale_rows() -> None:
     for n in (2, 3, 5, 7):
         got = runner.infer(images[:n])
         assert got.shape[0] == n
-        np.testing.assert_allclose(got, eager.infer(images[:n]), rtol=0, atol=1e-5)
+        # The bucket runs other kernel configs than the exact batch, so float sums differ in
+        # order (seen: 1.5e-5 on logits near 50); stale rows would be off by far more.
+        np.testing.assert_allclose(got, eager.infer(images[:n]), rtol=1e-5, atol=1e-4)
 
 
 def test_engine_on_cuda_auto_sparse_dense_profiling_and_card(tmp_path) -> None:

@@ -14,7 +14,8 @@ import functools
 import importlib
 import importlib.util
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -199,15 +200,16 @@ class EscortLaunch:
     """One ready launch of escort_conv for (geometry, config, batch, activation).
 
     `slots` holds the three per-call pointers (x, out, residual) and `arg_pointers` is the
-    void*[4] array cuLaunchKernel reads, pointing at the slots and at the params struct: a call
-    writes three integers and makes one driver call. Not for concurrent use from two threads."""
+    void*[4] array cuLaunchKernel reads, pointing at the slots and at the params struct. `fire`
+    is the launch itself with every constant bound: a call writes three integers, checks the
+    thread's current device and makes one driver call. Not for concurrent use from two threads."""
 
     function: Any  # cupy Function
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     shared_bytes: int
     record: np.ndarray  # the EscortParams struct
-    slots: np.ndarray  # uint64 [3]
+    slots: Any  # ctypes uint64[3]
     arg_pointers: Any  # ctypes void*[4]
     arg_address: int  # its address, for the launch call
     function_ptr: int  # the CUfunction handle
@@ -215,6 +217,12 @@ class EscortLaunch:
     keep: tuple[torch.Tensor | None, ...]  # bias, workspace, counters
     device_index: int
     out_shape: tuple[int, int, int, int]
+    fire: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] = field(
+        init=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        self.fire = _make_fire(self)
 
 
 def prepare_launch(
@@ -247,8 +255,8 @@ def prepare_launch(
     record = np.zeros(1, dtype=PARAMS_DTYPE)
     for key, value in kernel_params(geometry, meta, batch, activation, pointers).items():
         record[key] = value
-    slots = np.zeros(3, dtype=np.uint64)
-    base = slots.ctypes.data
+    slots = (ctypes.c_uint64 * 3)()
+    base = ctypes.addressof(slots)
     arg_pointers = (ctypes.c_void_p * 4)(base, base + 8, base + 16, record.ctypes.data)
     function = get_kernel(device_index, kernel_name(config.pixels_per_lane, config.rows_per_warp))
     return EscortLaunch(
@@ -288,21 +296,56 @@ def _raw_stream(device_index: int) -> int:
     return torch.cuda.current_stream(device_index).cuda_stream
 
 
-def _driver_launch(cp: Any, launch: EscortLaunch) -> None:
+def _ready_devices() -> set[int]:
+    """Devices whose context this thread has made current (see `_make_fire`)."""
+    ready = getattr(_local, "devices", None)
+    if ready is None:
+        ready = _local.devices = set()
+    return ready
+
+
+def _make_fire(
+    launch: EscortLaunch,
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """The per-call launch as a closure: every constant (function handle, grid, block, shared
+    bytes, argument array, driver entry points) is a local, so a call does no attribute or
+    module lookups beyond the tensors' data pointers and the stream handle. CuPy is resolved
+    on the first call, not here, so records can be built and inspected without it."""
+    slots = launch.slots
+    device = launch.device_index
     gx, gy, gz = launch.grid
-    cp.cuda.driver.launchKernel(
-        launch.function_ptr,
-        gx,
-        gy,
-        gz,
-        launch.block[0],
-        1,
-        1,
-        launch.shared_bytes,
-        _raw_stream(launch.device_index),
-        launch.arg_address,
-        0,
-    )
+    bx = launch.block[0]
+    shared = launch.shared_bytes
+    function_ptr = launch.function_ptr
+    arg_address = launch.arg_address
+    stream_of = _current_raw_stream if _current_raw_stream is not None else _raw_stream
+    local = _local
+    bound: list[Any] = []
+
+    def fire(x: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        if not bound:
+            cp = _cupy()
+            bound.extend((cp.cuda.driver.launchKernel, cp.cuda.runtime.getDevice))
+        launch_kernel, get_device = bound
+        slots[0] = x.data_ptr()
+        slots[1] = out.data_ptr()
+        slots[2] = 0 if residual is None else residual.data_ptr()
+        stream = stream_of(device)
+        if get_device() != device:
+            cp = _cupy()
+            with cp.cuda.Device(device):
+                launch_kernel(function_ptr, gx, gy, gz, bx, 1, 1, shared, stream, arg_address, 0)
+            return out
+        ready = getattr(local, "devices", None)
+        if ready is None or device not in ready:
+            # The driver launch needs the device's context current on this thread; since
+            # CUDA 12, cudaSetDevice makes the primary context current.
+            _cupy().cuda.runtime.setDevice(device)
+            _ready_devices().add(device)
+        launch_kernel(function_ptr, gx, gy, gz, bx, 1, 1, shared, stream, arg_address, 0)
+        return out
+
+    return fire
 
 
 def run_launch(
@@ -313,27 +356,7 @@ def run_launch(
 ) -> torch.Tensor:
     """Launches on torch's current stream; no sync, no allocation. Tensors must be fp32,
     contiguous, on the launch's device, with the shapes it was prepared for."""
-    cp = _cupy()
-    device = launch.device_index
-    slots = launch.slots
-    slots[0] = x.data_ptr()
-    slots[1] = out.data_ptr()
-    slots[2] = 0 if residual is None else residual.data_ptr()
-    ready = getattr(_local, "devices", None)
-    if ready is None:
-        ready = _local.devices = set()
-    current = cp.cuda.runtime.getDevice()
-    if current != device:
-        with cp.cuda.Device(device):
-            _driver_launch(cp, launch)
-        return out
-    if device not in ready:
-        # The driver launch needs the device's context current on this thread; since CUDA 12,
-        # cudaSetDevice makes the primary context current.
-        cp.cuda.runtime.setDevice(device)
-        ready.add(device)
-    _driver_launch(cp, launch)
-    return out
+    return launch.fire(x, out, residual)
 
 
 def run_port(

@@ -30,6 +30,7 @@ IMPLS = ("auto", "cuda", "reference")
 _KERNEL_IMPLS = ("auto", "cuda")
 # Batch sizes whose kernel configs prepare() builds ahead of any capture.
 PREPARED_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_F32 = torch.float32
 
 
 @dataclass
@@ -209,17 +210,19 @@ class SparseConvPlan:
     ) -> torch.Tensor:
         """x: [N, C, H, W]. `out`, if given, is a contiguous fp32 [N, K, OH, OW] tensor to write
         into (and is returned)."""
-        if out is None and x.is_cuda and impl in _KERNEL_IMPLS:
-            # Hot path (the engine's eager calls): a prepared launch for this exact input.
+        if out is None and (impl == "auto" or impl == "cuda"):
+            # Hot path (the engine's eager calls): a prepared launch for this exact input. Only
+            # CUDA launches are cached and a CPU tensor's device index (-1) never matches, so
+            # the device check also stands for x.is_cuda.
             launch = self._fast.get((x.shape, activation))
             if (
                 launch is not None
-                and x.dtype is torch.float32
                 and x.get_device() == self._device_index
+                and x.dtype is _F32
                 and x.is_contiguous()
                 and (residual is None or _plain_like(residual, launch.out_shape, x))
             ):
-                return cuda_backend.run_launch(launch, x, x.new_empty(launch.out_shape), residual)
+                return launch.fire(x, x.new_empty(launch.out_shape), residual)
         check_activation(activation)
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

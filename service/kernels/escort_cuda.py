@@ -21,7 +21,7 @@ struct EscortParams {
     unsigned long long counters; // int [grid.x * grid.y] zeros, for split > 1
     int N, C, H, W, K, OH, OW;
     int sh, sw, pt, pl;
-    int TH, TW, NB, TIH, TIW, CC;
+    int TH, TW, NB, TIH, TIW, CC, pitch;  // pitch: shared-memory row stride (>= TIW)
     int tiles_w, tiles_h;
     int rec_stride, header, chunk_floats, record_max;
     int splits, act;
@@ -91,6 +91,7 @@ __device__ __forceinline__ void stage_chunk(
     const int c0 = c_first + j * p.CC;
     const int cn = min(p.CC, c_count - j * p.CC);
     const int ws = p.TIH * p.TIW;
+    const int plane_stride = p.TIH * p.pitch;
     const int planes = p.NB * p.CC;
     const long long plane_floats = (long long)p.H * p.W;
     for (int sp = sp_plan.sp; sp >= 0 && sp < ws; sp += sp_plan.sp_step) {
@@ -105,7 +106,7 @@ __device__ __forceinline__ void stage_chunk(
         for (int q = sp_plan.plane0; q < planes; q += sp_plan.plane_step) {
             const bool ok = inside && cl < cn && n0 + nb < p.N;
             const float* src = ok ? src0 + ((long long)(n0 + nb) * p.C + c0 + cl) * plane_floats : x;
-            cp_async4(buf + q * ws + sp, src, ok ? 4 : 0);
+            cp_async4(buf + q * plane_stride + ih * p.pitch + iw, src, ok ? 4 : 0);
             cl += sp_plan.plane_step;
             while (cl >= p.CC) {
                 cl -= p.CC;
@@ -152,7 +153,7 @@ __global__ void __launch_bounds__(256) escort_conv(
 
     // Where each of this lane's pixels starts in the staged window.
     const int tile_pixels = p.TH * p.TW;
-    const int image_floats = p.CC * p.TIH * p.TIW;
+    const int image_floats = p.CC * p.TIH * p.pitch;
     int sbase[P];
 #pragma unroll
     for (int i = 0; i < P; ++i) {
@@ -161,7 +162,7 @@ __global__ void __launch_bounds__(256) escort_conv(
         const int rem = jpx - nb * tile_pixels;
         const int th = rem / p.TW;
         const int tw = rem - th * p.TW;
-        sbase[i] = nb < p.NB ? nb * image_floats + th * p.sh * p.TIW + tw * p.sw : 0;
+        sbase[i] = nb < p.NB ? nb * image_floats + th * p.sh * p.pitch + tw * p.sw : 0;
     }
 
     float acc[KW][P];

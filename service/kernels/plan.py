@@ -163,11 +163,14 @@ class SparseConvPlan:
                 entry.by_batch[int(n)] = config
         return self
 
-    def tune(self, input_hw: tuple[int, int], batch: int, reps: int = 5) -> dict[TileConfig, float]:
+    def tune(
+        self, input_hw: tuple[int, int], batch: int, reps: int = 5, limit: int | None = 12
+    ) -> dict[TileConfig, float]:
         """Times every candidate config at this size and keeps the fastest for (input_hw,
         batch); returns milliseconds per launch. Each candidate runs from a CUDA graph of
-        back-to-back launches, so host overhead does not hide kernel differences. Syncs and
-        captures: call it at load time, never inside a capture."""
+        back-to-back launches, so host overhead does not hide kernel differences. `limit`
+        caps the candidates (the default and its nearest variants). Syncs and captures: call
+        it at load time, never inside a capture."""
         self._require_cuda_kernel()
         hw = (int(input_hw[0]), int(input_hw[1]))
         entry = self._prepare_geometry(hw)
@@ -175,7 +178,7 @@ class SparseConvPlan:
         x = torch.randn(batch, g.in_channels, *hw, device=self.device)
         out = torch.empty(batch, g.out_channels, *g.output_hw, device=self.device)
         times: dict[TileConfig, float] = {}
-        for config in candidate_configs(g, batch, self.density):
+        for config in candidate_configs(g, batch, self.density, limit):
             launch = self._launch(entry, batch, None, config)
             times[config] = _time_launches(launch, x, out, replays=reps)
         best = min(times, key=times.__getitem__)

@@ -52,6 +52,7 @@ class TileConfig:
     tile_w: int  # TW
     chunk_channels: int  # CC
     splits: int = 1  # S: blocks sharing one (tile, row block), each with a run of chunks
+    pitch: int = 0  # shared-memory row stride of the window; 0 means its width (TIW)
 
     def __post_init__(self) -> None:
         if self.pixels_per_lane not in PIXELS_PER_LANE or self.rows_per_warp not in ROWS_PER_WARP:
@@ -81,9 +82,12 @@ class TileConfig:
             (self.tile_w - 1) * sw + (s - 1) * dw + 1,
         )
 
+    def row_pitch(self, geometry: ConvGeometry) -> int:
+        return self.pitch or self.window(geometry)[1]
+
     def chunk_floats(self, geometry: ConvGeometry) -> int:
-        tih, tiw = self.window(geometry)
-        return self.images * self.chunk_channels * tih * tiw
+        tih, _ = self.window(geometry)
+        return self.images * self.chunk_channels * tih * self.row_pitch(geometry)
 
     def tiles(self, geometry: ConvGeometry, batch: int) -> tuple[int, int, int]:
         """(tiles along N, along H, along W)."""
@@ -140,6 +144,39 @@ def fits_shared(chunk_floats: int, record_max: int) -> bool:
     return 2 * (4 * chunk_floats + 8 * record_max) <= SHARED_BYTES
 
 
+def bank_conflicts(
+    pixels_per_lane: int, tile: tuple[int, int, int], stride_h: int, stride_w: int, pitch: int
+) -> float:
+    """Mean over a lane's pixel groups of the worst shared-memory bank multiplicity of one
+    load (1.0: conflict-free), for the first image of the tile."""
+    _, th_n, tw_n = tile
+    worst = []
+    for i in range(pixels_per_lane):
+        banks: dict[int, int] = {}
+        for lane in range(32):
+            j = lane + 32 * i
+            if j >= th_n * tw_n:
+                continue
+            address = (j // tw_n) * stride_h * pitch + (j % tw_n) * stride_w
+            banks[address % 32] = banks.get(address % 32, 0) + 1
+        if banks:
+            worst.append(max(banks.values()))
+    return sum(worst) / len(worst) if worst else 1.0
+
+
+def _best_pitch(geometry: ConvGeometry, p: int, tile: tuple[int, int, int]) -> int:
+    """The narrowest row stride, at most 2.5x the window width, with the fewest bank
+    conflicts on the inner loop's loads (a 2-way conflict halves shared-memory throughput)."""
+    (_, s), (_, dw), (sh, sw) = geometry.kernel_size, geometry.dilation, geometry.stride
+    tiw = (tile[2] - 1) * sw + (s - 1) * dw + 1
+    best, best_cost = tiw, bank_conflicts(p, tile, sh, sw, tiw)
+    for pitch in range(tiw + 1, int(tiw * 2.5) + 1):
+        cost = bank_conflicts(p, tile, sh, sw, pitch)
+        if cost < best_cost - 1e-9:
+            best, best_cost = pitch, cost
+    return best
+
+
 def make_config(
     geometry: ConvGeometry,
     batch: int,
@@ -147,17 +184,25 @@ def make_config(
     rows_per_block: int,
     density: float = 1.0,
     splits: int | None = None,
+    tile: tuple[int, int, int] | None = None,
+    pad_banks: bool = True,
 ) -> TileConfig | None:
     """The config with P pixels per lane and `rows_per_block` rows, or None if it cannot be
     built (too many accumulators, or a window too large to stage). `density` (nonzeros per
-    weight) sizes the metadata buffer; `splits` None picks enough splits to fill the GPU."""
-    nb, th, tw = _tile_for(geometry, batch, p)
+    weight) sizes the metadata buffer; `splits` None picks enough splits to fill the GPU;
+    `tile` (NB, TH, TW) overrides the tile; `pad_banks` widens the shared rows when that
+    removes bank conflicts."""
+    nb, th, tw = tile or _tile_for(geometry, batch, p)
+    if nb * th * tw > 32 * p:
+        return None
     warps = max(1, min(8, rows_per_block))
     kw = max(1, rows_per_block // warps)
     if kw not in ROWS_PER_WARP or p * kw > MAX_ACCUMULATORS:
         return None
     (r, s), (dh, dw), (sh, sw) = geometry.kernel_size, geometry.dilation, geometry.stride
-    per_channel = nb * ((th - 1) * sh + (r - 1) * dh + 1) * ((tw - 1) * sw + (s - 1) * dw + 1)
+    tiw = (tw - 1) * sw + (s - 1) * dw + 1
+    pitch = _best_pitch(geometry, p, (nb, th, tw)) if pad_banks else tiw
+    per_channel = nb * ((th - 1) * sh + (r - 1) * dh + 1) * pitch
     kb = warps * kw
     span = _max_block_span(geometry, kb)
     cc = max(1, min(span, STAGE_FLOATS // per_channel))
@@ -165,7 +210,8 @@ def make_config(
         cc = max(1, cc * 3 // 4)
     if not fits_shared(cc * per_channel, _record_estimate(kb, cc, geometry, density)):
         return None
-    config = TileConfig(p, kw, warps, nb, th, tw, cc)
+    pitch_field = 0 if pitch == tiw else pitch
+    config = TileConfig(p, kw, warps, nb, th, tw, cc, pitch=pitch_field)
     chunks = -(-span // cc)
     if splits is None:
         blocks = config.blocks(geometry, batch)
@@ -174,7 +220,16 @@ def make_config(
     if splits > chunks:  # smaller chunks, so that every split has one
         cc = -(-span // splits)
         splits = -(-span // cc)
-    return TileConfig(p, kw, warps, nb, th, tw, cc, splits)
+    return TileConfig(p, kw, warps, nb, th, tw, cc, splits, pitch_field)
+
+
+def _row_tile(geometry: ConvGeometry, p: int) -> tuple[int, int, int] | None:
+    """Tiles of whole 32-pixel output rows (pixel group i = row i): conflict-free loads at
+    stride 1 without padding. Only for maps at least 24 wide."""
+    oh, ow = geometry.output_hw
+    if ow < 24 or geometry.stride[1] != 1:
+        return None
+    return (1, min(p, oh), 32)
 
 
 def _max_block_span(geometry: ConvGeometry, rows_per_block: int) -> int:
@@ -189,9 +244,10 @@ def _max_block_span(geometry: ConvGeometry, rows_per_block: int) -> int:
 def default_config(geometry: ConvGeometry, batch: int, density: float = 1.0) -> TileConfig:
     """A config chosen from the shape alone, without timing (`SparseConvPlan.tune` measures).
 
-    From H100 tuning runs of the layer suite: two pixels per lane and 8x8-ish tiles win on most
-    layers, four on 112x112 and larger maps, eight on the few-channel stem; as many rows per
-    block as still give two blocks per SM; split the chunks when even 32 rows leave SMs idle."""
+    From H100 tuning runs of the layer suite: two pixels per lane win on most layers, four on
+    112x112 and larger maps, eight on the few-channel stem; as many rows per block as still give
+    two blocks per SM; split the chunks only for long reductions (4+ chunks), else use fewer
+    rows per block."""
     oh, ow = geometry.output_hw
     if geometry.channels_per_group <= 4 and geometry.groups == 1 and batch > 1:
         p = 8
@@ -199,9 +255,23 @@ def default_config(geometry: ConvGeometry, batch: int, density: float = 1.0) -> 
         p = 4
     else:
         p = 2
+    tile = _row_tile(geometry, p)
     for kb in (64, 32):
-        config = make_config(geometry, batch, p, kb, density, splits=1)
+        config = make_config(geometry, batch, p, kb, density, splits=1, tile=tile)
         if config is not None and config.blocks(geometry, batch) >= TARGET_BLOCKS:
+            return config
+    config = make_config(geometry, batch, p, 32, density, splits=1, tile=tile)
+    if config is not None and -(-_max_block_span(geometry, 32) // config.chunk_channels) >= 4:
+        split = make_config(geometry, batch, p, 32, density, tile=tile)
+        if split is not None:
+            return split
+    for kb in (32, 16, 8):
+        config = make_config(geometry, batch, p, kb, density, splits=1, tile=tile)
+        if config is not None and config.blocks(geometry, batch) >= TARGET_BLOCKS // 2:
+            return config
+    for kb in (8, 4):
+        config = make_config(geometry, batch, p, kb, density, splits=1, tile=tile)
+        if config is not None:
             return config
     # Large strided windows (AlexNet's 11x11/4 stem) do not stage at 8 pixels per lane: fall
     # back to fewer pixels per lane before giving up.
@@ -213,16 +283,32 @@ def default_config(geometry: ConvGeometry, batch: int, density: float = 1.0) -> 
     raise ValueError(f"no kernel configuration fits {geometry}")  # pragma: no cover
 
 
-def candidate_configs(geometry: ConvGeometry, batch: int, density: float = 1.0) -> list[TileConfig]:
-    """The configs worth timing for this shape, the default first."""
-    seen = [default_config(geometry, batch, density)]
+def candidate_configs(
+    geometry: ConvGeometry, batch: int, density: float = 1.0, limit: int | None = None
+) -> list[TileConfig]:
+    """The configs worth timing for this shape, the default first, then its nearest variants
+    (same pixels per lane, similar rows per block); `limit` keeps the first few."""
+    default = default_config(geometry, batch, density)
+    found: list[TileConfig] = []
     for p in PIXELS_PER_LANE:
-        for kb in (4, 8, 16, 32, 64):
-            for splits in (1, None):
-                config = make_config(geometry, batch, p, kb, density, splits)
-                if config is not None and config not in seen:
-                    seen.append(config)
-    return seen
+        for tile in dict.fromkeys([None, _row_tile(geometry, p)]):
+            for kb in (8, 16, 32, 64):
+                for splits in (1, None):
+                    config = make_config(geometry, batch, p, kb, density, splits, tile)
+                    if config is not None and config != default and config not in found:
+                        found.append(config)
+
+    def distance(c: TileConfig) -> tuple[int, float, int, int]:
+        return (
+            c.pixels_per_lane != default.pixels_per_lane,
+            abs(math.log2(c.rows_per_block / default.rows_per_block)),
+            c.splits != default.splits,
+            c.tile_w != default.tile_w,
+        )
+
+    found.sort(key=distance)
+    configs = [default, *found]
+    return configs if limit is None else configs[:limit]
 
 
 @dataclass(frozen=True)
@@ -292,7 +378,8 @@ def _build_meta(weight: SparseWeight, geometry: ConvGeometry, config: TileConfig
     chan_abs = (weight.rows // kg) * cg + weight.chans
     rel = chan_abs - blocks[block, 0]
     chunk, local = rel // cc, rel % cc
-    offset = (local * tih + weight.taps_r * dh) * tiw + weight.taps_s * dw
+    pitch = config.row_pitch(geometry)
+    offset = (local * tih + weight.taps_r * dh) * pitch + weight.taps_s * dw
     record = block * max_chunks + chunk
     row_in_block = pos % kb
     # Group by record, then row; stable, so each row keeps its (c, r, s) order.

@@ -37,7 +37,7 @@ def emulate(
     tiles_n = -(-n_img // p["NB"])
     lanes = np.arange(32)
     tile_pixels = p["TH"] * p["TW"]
-    image_floats = p["CC"] * p["TIH"] * p["TIW"]
+    image_floats = p["CC"] * p["TIH"] * p["pitch"]
     rows_per_block = cfg.warps * cfg.rows_per_warp
 
     # Pixel j = lane + 32 * i of every lane: shape [P, 32].
@@ -45,13 +45,14 @@ def emulate(
     nb = jpx // tile_pixels
     rem = jpx - nb * tile_pixels
     th, tw = rem // p["TW"], rem % p["TW"]
-    sbase = np.where(nb < p["NB"], nb * image_floats + th * p["sh"] * p["TIW"] + tw * p["sw"], 0)
+    sbase = np.where(nb < p["NB"], nb * image_floats + th * p["sh"] * p["pitch"] + tw * p["sw"], 0)
 
-    # Staging: window position sp = ih * TIW + iw of plane q = nb * CC + cl at q * WS + sp.
-    window = p["TIH"] * p["TIW"]
+    # Staging: window cell (ih, iw) of plane q = nb * CC + cl lives at
+    # q * TIH * pitch + ih * pitch + iw; cells with iw >= TIW are row padding, never written.
     e = np.arange(p["chunk_floats"], dtype=np.int64)
-    q, sp = e // window, e % window
-    ih, iw = sp // p["TIW"], sp % p["TIW"]
+    q, cell = e // (p["TIH"] * p["pitch"]), e % (p["TIH"] * p["pitch"])
+    ih, iw = cell // p["pitch"], cell % p["pitch"]
+    padding_cell = iw >= p["TIW"]
     s_nb, s_cl = q // p["CC"], q % p["CC"]
 
     for bx in range(tiles_n * p["tiles_h"] * p["tiles_w"]):
@@ -73,6 +74,7 @@ def emulate(
                     ok = (s_cl < cn) & (n < n_img) & (gh >= 0) & (gh < h) & (gw >= 0) & (gw < w)
                     buf = np.zeros(p["chunk_floats"])
                     buf[ok] = xs[n[ok], c0 + s_cl[ok], gh[ok], gw[ok]]
+                    buf[padding_cell] = np.nan  # never staged: reading one would poison a sum
                     rec_beg = recptr[by * p["rec_stride"] + j]
                     rec_end = recptr[by * p["rec_stride"] + j + 1]
                     if rec_end - rec_beg > p["record_max"]:
@@ -118,6 +120,7 @@ def staged_indices(p: dict[str, int], threads: int) -> list[int]:
     a model of stage_plan + stage_chunk's loops."""
     window = p["TIH"] * p["TIW"]
     planes = p["NB"] * p["CC"]
+    pitch = p["pitch"]
     written = []
     for tid in range(threads):
         if window >= threads:
@@ -131,7 +134,8 @@ def staged_indices(p: dict[str, int], threads: int) -> list[int]:
             q = plane0
             while q < planes:
                 assert q == nb * p["CC"] + cl
-                written.append(q * window + sp)
+                ih, iw = sp // p["TIW"], sp % p["TIW"]
+                written.append(q * p["TIH"] * pitch + ih * pitch + iw)
                 q += plane_step
                 cl += plane_step
                 while cl >= p["CC"]:

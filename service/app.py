@@ -16,7 +16,6 @@ import time
 from collections.abc import AsyncIterator
 from types import FrameType
 
-import numpy as np
 import uvicorn
 from fastapi import FastAPI
 
@@ -55,15 +54,6 @@ def _load_engine(settings: Settings, metrics: ServiceMetrics) -> Engine:
     return load_engine(engine_spec(settings), layer_observer=metrics.observe_layer, progress=True)
 
 
-def _warm(engine: Engine, model: str, backend: str, shape: tuple[int, int, int]) -> None:
-    warmup = getattr(engine, "warmup", None)
-    if callable(warmup):
-        warmup(model, backend)
-        return
-    # No hook: one real batch of zeros builds any lazily prepared state before traffic.
-    engine.infer(model, backend, np.zeros((1, *shape), dtype=np.float32))
-
-
 async def _prepare(state: ServiceState, engine: Engine | None) -> None:
     """Load (unless injected), warm, start the batchers, then flip readiness."""
     settings, metrics = state.settings, state.metrics
@@ -79,7 +69,7 @@ async def _prepare(state: ServiceState, engine: Engine | None) -> None:
         metrics.set_memory_probe(probe if callable(probe) else None)
         for name, desc in models.items():
             for backend in desc.backends:
-                await asyncio.to_thread(_warm, engine, name, backend, desc.input_shape)
+                await asyncio.to_thread(engine.warmup, name, backend)
                 batcher = BatchQueue(
                     name,
                     backend,

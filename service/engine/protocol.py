@@ -69,6 +69,10 @@ class Engine(ABC):
         """batch: float32 or float16 [N, 3, H, W] with N <= max_batch_size.
         Returns float32 probabilities [N, num_classes]."""
 
+    def warmup(self, model: str, backend: str) -> None:  # noqa: B027 - optional hook
+        """Build whatever a first batch would otherwise pay for. Engines that warm while they
+        load (as the torch engine does, capturing every batch bucket) need nothing here."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release devices and threads."""
 

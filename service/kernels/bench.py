@@ -25,8 +25,9 @@ import torch
 
 from service.kernels import bench_methods as bm
 from service.kernels.bench_report import summarize, summary_lines, write_report
+from service.kernels.configs import default_config
+from service.kernels.direct import DirectConfig
 from service.kernels.plan import SparseConvPlan
-from service.kernels.tiling import default_config
 
 
 @dataclass(frozen=True)
@@ -254,13 +255,13 @@ class Bench:
             self.tuning.append(
                 {
                     **base,
-                    "default": asdict(default),
+                    "default": config_record(default),
                     "default_ms": times.get(default),
-                    "chosen": asdict(plan.config_for(hw, batch)),
-                    "candidates": [{**asdict(c), "ms": t} for c, t in times.items()],
+                    "chosen": config_record(plan.config_for(hw, batch)),
+                    "candidates": [{**config_record(c), "ms": t} for c, t in times.items()],
                 }
             )
-        base["config"] = asdict(plan.config_for(hw, batch))
+        base["config"] = config_record(plan.config_for(hw, batch))
         self.measure(base, "escort", bm.escort_runner(plan, x))
         if "escort_port" in self.methods:
             port = bm.port_runner(weight, bias, hw, layer.stride, layer.pad)
@@ -281,8 +282,18 @@ class Bench:
                 self.measure(base, "im2col_cusparse", fn)
 
 
+def config_record(config: Any) -> dict[str, Any]:
+    """A kernel config as JSON: which kernel ("tiled" or "direct") and its fields."""
+    return {"kernel": "direct" if isinstance(config, DirectConfig) else "tiled", **asdict(config)}
+
+
+def plan_hw(layer: Layer) -> tuple[int, int]:
+    return (layer.hw, layer.hw)
+
+
 def profile(layers: list[Layer], args: argparse.Namespace) -> int:
-    """Launches each shape's default config three times, for an external profiler."""
+    """Launches each shape's default config three times and the sconv_shm port once, for an
+    external profiler."""
     for layer in layers:
         for batch in args.batch:
             gen = torch.Generator().manual_seed(args.seed)
@@ -294,6 +305,14 @@ def profile(layers: list[Layer], args: argparse.Namespace) -> int:
                 plan.prepare((layer.hw, layer.hw), batch_sizes=(batch,))
                 for _ in range(3):
                     plan(x, impl="cuda")
+                port = bm.port_runner(
+                    weight,
+                    torch.zeros(layer.k, device="cuda"),
+                    plan_hw(layer),
+                    layer.stride,
+                    layer.pad,
+                )
+                port(x)
                 torch.cuda.synchronize()
                 config = plan.config_for((layer.hw, layer.hw), batch)
                 print(f"{layer.name} b{batch} s{sparsity}: {config}")

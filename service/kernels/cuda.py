@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.kernels.direct_cuda import DIRECT_KERNEL_NAMES, DIRECT_SOURCE
 from service.kernels.escort_cuda import KERNEL_NAMES, PORT_NAME, SOURCE, kernel_name
 from service.kernels.stretched_csr import ConvGeometry
 from service.kernels.tiling import EscortMeta
@@ -78,11 +79,11 @@ def _module(device_index: int) -> Any:
         if module is None:
             with cp.cuda.Device(device_index):
                 module = cp.RawModule(
-                    code=SOURCE,
+                    code=SOURCE + DIRECT_SOURCE,
                     options=("-std=c++17",),
-                    name_expressions=[*KERNEL_NAMES],
+                    name_expressions=[*KERNEL_NAMES, *DIRECT_KERNEL_NAMES],
                 )
-                for name in KERNEL_NAMES:  # load now, not during a graph capture
+                for name in (*KERNEL_NAMES, *DIRECT_KERNEL_NAMES):  # load now, not in a capture
                     module.get_function(name)
                 module.get_function(PORT_NAME)
             _modules[device_index] = module
@@ -199,7 +200,8 @@ def shared_bytes(geometry: ConvGeometry, meta: EscortMeta) -> int:
 
 @dataclass
 class EscortLaunch:
-    """One ready launch of escort_conv for (geometry, config, batch, activation).
+    """One ready launch of escort_conv or escort_direct for (geometry, config, batch,
+    activation).
 
     `slots` holds the three per-call pointers (x, out, residual) and `arg_pointers` is the
     void*[4] array cuLaunchKernel reads, pointing at the slots and at the params struct. `fire`
@@ -215,8 +217,8 @@ class EscortLaunch:
     arg_pointers: Any  # ctypes void*[4]
     arg_address: int  # its address, for the launch call
     function_ptr: int  # the CUfunction handle
-    meta: EscortMeta  # kept alive: `record` holds its device pointers
-    keep: tuple[torch.Tensor | None, ...]  # bias, workspace, counters
+    meta: Any  # EscortMeta or DirectMeta, kept alive: `record` holds its device pointers
+    keep: tuple[torch.Tensor | None, ...]  # bias (and the split workspace and counters)
     device_index: int
     out_shape: tuple[int, int, int, int]
     fire: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] = field(

@@ -15,6 +15,14 @@ from typing import Any
 import torch
 
 from service.kernels import cuda as cuda_backend
+from service.kernels.configs import KernelConfig, candidate_configs
+from service.kernels.configs import default_config as _default_config
+from service.kernels.direct import (
+    DirectConfig,
+    DirectMeta,
+    build_direct_meta,
+    prepare_direct_launch,
+)
 from service.kernels.reference import check_activation, conv2d_reference
 from service.kernels.stretched_csr import (
     ConvGeometry,
@@ -23,8 +31,7 @@ from service.kernels.stretched_csr import (
     make_geometry,
     stretch,
 )
-from service.kernels.tiling import EscortMeta, TileConfig, build_meta, candidate_configs
-from service.kernels.tiling import default_config as _default_config
+from service.kernels.tiling import EscortMeta, build_meta
 
 IMPLS = ("auto", "cuda", "reference")
 _KERNEL_IMPLS = ("auto", "cuda")
@@ -40,9 +47,9 @@ class _Geometry:
     geometry: ConvGeometry
     csr: StretchedCSR
     csr_on: dict[str, StretchedCSR] = field(default_factory=dict)
-    metas: dict[TileConfig, EscortMeta] = field(default_factory=dict)
-    by_batch: dict[int, TileConfig] = field(default_factory=dict)
-    launches: dict[tuple[int, str | None, TileConfig], Any] = field(default_factory=dict)
+    metas: dict[Any, EscortMeta | DirectMeta] = field(default_factory=dict)  # see _meta_key
+    by_batch: dict[int, KernelConfig] = field(default_factory=dict)
+    launches: dict[tuple[int, str | None, KernelConfig], Any] = field(default_factory=dict)
 
 
 class SparseConvPlan:
@@ -76,7 +83,7 @@ class SparseConvPlan:
             raise ValueError(f"bias must be [{self.out_channels}], got {tuple(bias.shape)}")
         self._bias = self._bias_cpu
         self._geometries: dict[tuple[int, int], _Geometry] = {}
-        self._tuned: dict[tuple[int, int, int], TileConfig] = {}
+        self._tuned: dict[tuple[int, int, int], KernelConfig] = {}
         # (input shape, activation) -> ready launch: the hot path is one dict lookup.
         self._fast: dict[tuple[torch.Size, str | None], Any] = {}
         self.dtypes = (torch.float32,)
@@ -165,7 +172,7 @@ class SparseConvPlan:
 
     def tune(
         self, input_hw: tuple[int, int], batch: int, reps: int = 5, limit: int | None = 12
-    ) -> dict[TileConfig, float]:
+    ) -> dict[KernelConfig, float]:
         """Times every candidate config at this size and keeps the fastest for (input_hw,
         batch); returns milliseconds per launch. Each candidate runs from a CUDA graph of
         back-to-back launches, so host overhead does not hide kernel differences. `limit`
@@ -177,7 +184,7 @@ class SparseConvPlan:
         g = entry.geometry
         x = torch.randn(batch, g.in_channels, *hw, device=self.device)
         out = torch.empty(batch, g.out_channels, *g.output_hw, device=self.device)
-        times: dict[TileConfig, float] = {}
+        times: dict[KernelConfig, float] = {}
         for config in candidate_configs(g, batch, self.density, limit):
             launch = self._launch(entry, batch, None, config)
             times[config] = _time_launches(launch, x, out, replays=reps)
@@ -186,7 +193,7 @@ class SparseConvPlan:
         self._fast.clear()
         return times
 
-    def config_for(self, input_hw: tuple[int, int], batch: int) -> TileConfig:
+    def config_for(self, input_hw: tuple[int, int], batch: int) -> KernelConfig:
         """The kernel config a call with this input size and batch uses."""
         hw = (int(input_hw[0]), int(input_hw[1]))
         tuned = self._tuned.get((hw[0], hw[1], batch))
@@ -196,7 +203,7 @@ class SparseConvPlan:
         if entry is not None and batch in entry.by_batch:
             return entry.by_batch[batch]
         config = _default_config(self.geometry(hw), batch, self.density)
-        if entry is None or config in entry.metas or not _capturing():
+        if entry is None or _meta_key(config) in entry.metas or not _capturing():
             return config
         # Inside a capture no metadata can be uploaded: use the nearest prepared batch's.
         below = [n for n in entry.by_batch if n <= batch]
@@ -327,31 +334,36 @@ class SparseConvPlan:
             entry.csr_on[key] = csr
         return csr
 
-    def _meta(self, entry: _Geometry, config: TileConfig) -> EscortMeta:
-        meta = entry.metas.get(config)
+    def _meta(self, entry: _Geometry, config: KernelConfig) -> EscortMeta | DirectMeta:
+        key = _meta_key(config)
+        meta = entry.metas.get(key)
         if meta is None:
             if _capturing():
                 raise RuntimeError("kernel metadata must be built before graph capture")
-            meta = build_meta(self._sparse, entry.geometry, config).to(self.device)
-            entry.metas[config] = meta
+            if isinstance(config, DirectConfig):
+                meta = build_direct_meta(self._sparse, entry.geometry).to(self.device)
+            else:
+                meta = build_meta(self._sparse, entry.geometry, config).to(self.device)
+            entry.metas[key] = meta
         return meta
 
     def _launch(
-        self, entry: _Geometry, batch: int, activation: str | None, config: TileConfig
+        self, entry: _Geometry, batch: int, activation: str | None, config: KernelConfig
     ) -> Any:
         key = (batch, activation, config)
         launch = entry.launches.get(key)
         if launch is None:
             if _capturing():
                 raise RuntimeError("prepare the plan for this batch size before graph capture")
-            launch = cuda_backend.prepare_launch(
-                entry.geometry,
-                self._meta(entry, config),
-                self._bias,
-                batch,
-                activation,
-                self.device.index,
-            )
+            meta = self._meta(entry, config)
+            if isinstance(config, DirectConfig):
+                launch = prepare_direct_launch(
+                    entry.geometry, meta, config, self._bias, batch, activation, self.device.index
+                )
+            else:
+                launch = cuda_backend.prepare_launch(
+                    entry.geometry, meta, self._bias, batch, activation, self.device.index
+                )
             entry.launches[key] = launch
         return launch
 
@@ -380,6 +392,11 @@ def _time_launches(
         end.synchronize()
         samples.append(start.elapsed_time(end) / per_graph)
     return sorted(samples)[len(samples) // 2]
+
+
+def _meta_key(config: KernelConfig) -> Any:
+    """Direct configs of a geometry share one metadata; tiled ones have their own."""
+    return "direct" if isinstance(config, DirectConfig) else config
 
 
 def _plain_like(t: torch.Tensor, shape: tuple[int, ...], x: torch.Tensor) -> bool:

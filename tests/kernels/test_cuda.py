@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from service.kernels import SparseConvPlan, sparse_conv2d
+from service.kernels.configs import candidate_configs
+from service.kernels.direct import DIRECT_WARPS, DirectConfig
+from service.kernels.direct_cuda import DIRECT_PIXELS_PER_LANE
 from service.kernels.stretched_csr import make_geometry
-from service.kernels.tiling import candidate_configs
+from service.kernels.tiling import TileConfig
 from tests.kernels.conftest import assert_matches, prune, random_case
 
 pytestmark = pytest.mark.gpu
@@ -62,13 +65,26 @@ def test_every_candidate_config(seed: int) -> None:
         assert_matches(y, expected)
 
 
+@pytest.mark.parametrize("seed", range(120))
+def test_direct_kernel_matches_conv2d(seed: int) -> None:
+    """The direct kernel on the whole grid, whatever the default would pick."""
+    case = random_case(seed + 2000, device="cuda")
+    plan = SparseConvPlan(case.weight, case.bias, **case.kwargs)
+    hw, n = tuple(case.x.shape[2:]), case.x.shape[0]
+    p = DIRECT_PIXELS_PER_LANE[seed % len(DIRECT_PIXELS_PER_LANE)]
+    plan._tuned[(hw[0], hw[1], n)] = DirectConfig(p, DIRECT_WARPS[seed // 3 % len(DIRECT_WARPS)])
+    y = _run(plan, case, _poisoned(plan, case.x))
+    assert_matches(y, case.expected())
+
+
 def test_split_workspace_is_left_clean() -> None:
     """Split configs share a workspace across calls; every call must start from zeros."""
     gen = torch.Generator().manual_seed(17)
     weight = prune(torch.randn(40, 96, 3, 3, generator=gen), 0.8, gen).cuda()
     plan = SparseConvPlan(weight, torch.randn(40, generator=gen).cuda(), padding=1)
     geometry = plan.geometry((7, 9))
-    splits = [c for c in candidate_configs(geometry, 2, plan.density) if c.splits > 1]
+    configs = candidate_configs(geometry, 2, plan.density)
+    splits = [c for c in configs if isinstance(c, TileConfig) and c.splits > 1]
     assert splits
     plan._tuned[(7, 9, 2)] = splits[0]
     expected = None

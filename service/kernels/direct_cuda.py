@@ -1,0 +1,113 @@
+"""CUDA source of `escort_direct<P>`: the direct kernel for layers too small to fill the GPU
+with tiles (batch 1, 7x7 to 28x28 maps). See direct.py for its decomposition.
+
+One warp computes one output channel over 32 * P output pixels of the flattened (image, row,
+column) space, one nonzero at a time: every lane reads the same (value, offset, taps) record
+(a broadcast load) and P input values through the read-only cache, so there is no staging, no
+barrier and no split: the kernel's latency is one pass over the row's nonzeros. Padding is
+implicit: a warp whose pixels all see their whole receptive field inside the image skips the
+bounds checks; the others check each tap against the image.
+"""
+
+from __future__ import annotations
+
+DIRECT_PIXELS_PER_LANE = (1, 2, 4)
+
+DIRECT_SOURCE = r"""
+struct DirectParams {
+    unsigned long long meta;    // int4 per nonzero, rows in sorted order: (value bits, offset, rr | ss << 16, 0)
+    unsigned long long rowptr;  // int [K + 1]: each sorted row's nonzeros in meta
+    unsigned long long perm;    // int [K]: the output channel of sorted row p
+    unsigned long long bias;    // float [K], or 0
+    long long image_floats;     // C * H * W
+    int H, W, K, OH, OW;
+    int sh, sw, pt, pl;
+    int reach_h, reach_w;       // (R - 1) * dilation_h, (S - 1) * dilation_w
+    int pixels;                 // N * OH * OW
+    int act;
+};
+
+template <int P>
+__global__ void __launch_bounds__(256) escort_direct(
+    const float* __restrict__ x, float* __restrict__ out, const float* __restrict__ res,
+    const DirectParams p)
+{
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= p.K) return;  // warp-uniform: the whole warp leaves
+    const int4* __restrict__ meta = reinterpret_cast<const int4*>(p.meta);
+    const int* __restrict__ rowptr = reinterpret_cast<const int*>(p.rowptr);
+    const int k = __ldg(reinterpret_cast<const int*>(p.perm) + row);
+    const int plane = p.OH * p.OW;
+
+    long long base[P];
+    int ih0[P], iw0[P], q[P];
+    bool interior = true;
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+        q[i] = blockIdx.x * (32 * P) + lane + 32 * i;
+        const bool valid = q[i] < p.pixels;
+        const int n = valid ? q[i] / plane : 0;
+        const int rem = valid ? q[i] - n * plane : 0;
+        const int oh = rem / p.OW;
+        const int ow = rem - oh * p.OW;
+        // A pixel past the end gets a window far outside the image: every check fails.
+        ih0[i] = valid ? oh * p.sh - p.pt : -(1 << 28);
+        iw0[i] = valid ? ow * p.sw - p.pl : -(1 << 28);
+        base[i] = valid ? n * p.image_floats + (long long)ih0[i] * p.W + iw0[i] : 0;
+        interior = interior && valid && ih0[i] >= 0 && ih0[i] + p.reach_h < p.H
+                   && iw0[i] >= 0 && iw0[i] + p.reach_w < p.W;
+    }
+
+    float acc[P];
+#pragma unroll
+    for (int i = 0; i < P; ++i) acc[i] = 0.0f;
+
+    const int end = __ldg(rowptr + row + 1);
+    int e = __ldg(rowptr + row);
+    if (__all_sync(0xffffffffu, interior)) {
+#pragma unroll 4
+        for (; e < end; ++e) {
+            const int4 m = __ldg(meta + e);
+            const float v = __int_as_float(m.x);
+#pragma unroll
+            for (int i = 0; i < P; ++i) acc[i] = fmaf(v, __ldg(x + base[i] + m.y), acc[i]);
+        }
+    } else {
+#pragma unroll 2
+        for (; e < end; ++e) {
+            const int4 m = __ldg(meta + e);
+            const float v = __int_as_float(m.x);
+            const int rr = m.z & 0xffff;
+            const int ss = m.z >> 16;
+#pragma unroll
+            for (int i = 0; i < P; ++i) {
+                const bool inside = (unsigned int)(ih0[i] + rr) < (unsigned int)p.H
+                                    && (unsigned int)(iw0[i] + ss) < (unsigned int)p.W;
+                const float xv = inside ? __ldg(x + base[i] + m.y) : 0.0f;
+                acc[i] = fmaf(v, xv, acc[i]);
+            }
+        }
+    }
+
+    const float b = p.bias ? __ldg(reinterpret_cast<const float*>(p.bias) + k) : 0.0f;
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+        if (q[i] >= p.pixels) continue;
+        const int n = q[i] / plane;
+        const long long o = ((long long)n * p.K + k) * plane + (q[i] - n * plane);
+        float v = acc[i] + b;
+        if (res) v += res[o];
+        if (p.act == 1) v = fmaxf(v, 0.0f);
+        else if (p.act == 2) v = fminf(fmaxf(v, 0.0f), 6.0f);
+        out[o] = v;
+    }
+}
+"""
+
+
+def direct_kernel_name(pixels_per_lane: int) -> str:
+    return f"escort_direct<{pixels_per_lane}>"
+
+
+DIRECT_KERNEL_NAMES = tuple(direct_kernel_name(p) for p in DIRECT_PIXELS_PER_LANE)

@@ -10,10 +10,8 @@ nonzeros has the shorter latency.
 
 from __future__ import annotations
 
-import math
-
-from service.kernels.direct import DIRECT_WARPS, DirectConfig
-from service.kernels.direct_cuda import DIRECT_PIXELS_PER_LANE
+from service.kernels.direct import DirectConfig
+from service.kernels.direct_cuda import DIRECT_SPLITS
 from service.kernels.stretched_csr import ConvGeometry
 from service.kernels.tiling import TileConfig
 from service.kernels.tiling import candidate_configs as tiled_candidates
@@ -22,11 +20,15 @@ from service.kernels.tiling import default_config as tiled_default
 KernelConfig = TileConfig | DirectConfig
 
 
-def direct_default(geometry: ConvGeometry, batch: int) -> DirectConfig:
-    """Two pixels per lane, eight channels per block; one pixel per lane on maps so small
-    that two would leave most lanes idle."""
+def direct_default(geometry: ConvGeometry, batch: int, density: float = 1.0) -> DirectConfig:
+    """Eight warps per block; two pixels per lane on maps of 56x56 and more, else one; and
+    enough warps per output channel that each walks about 64 of its nonzeros (the row's
+    latency is one walk)."""
     oh, ow = geometry.output_hw
-    return DirectConfig(1 if batch * oh * ow <= 32 else 2, 8)
+    r, s = geometry.kernel_size
+    per_row = density * geometry.channels_per_group * r * s
+    splits = next((n for n in DIRECT_SPLITS if per_row / n <= 64), DIRECT_SPLITS[-1])
+    return DirectConfig(2 if batch * oh * ow >= 56 * 56 else 1, 8, splits)
 
 
 def default_config(geometry: ConvGeometry, batch: int, density: float = 1.0) -> KernelConfig:
@@ -34,20 +36,21 @@ def default_config(geometry: ConvGeometry, batch: int, density: float = 1.0) -> 
     then the direct kernel."""
     tiled = tiled_default(geometry, batch, density)
     if tiled.splits > 1:
-        return direct_default(geometry, batch)
+        return direct_default(geometry, batch, density)
     return tiled
 
 
-def direct_candidates(geometry: ConvGeometry, batch: int) -> list[DirectConfig]:
-    first = direct_default(geometry, batch)
-    others = [
-        DirectConfig(p, w)
-        for p in DIRECT_PIXELS_PER_LANE
-        for w in DIRECT_WARPS
-        if DirectConfig(p, w) != first
-    ]
-    others.sort(key=lambda c: (abs(math.log2(c.pixels_per_lane / first.pixels_per_lane)), -c.warps))
-    return [first, *others]
+def direct_candidates(
+    geometry: ConvGeometry, batch: int, density: float = 1.0
+) -> list[DirectConfig]:
+    """The default direct config, then its neighbours: half and twice the splits, the other
+    pixels per lane."""
+    first = direct_default(geometry, batch, density)
+    i = DIRECT_SPLITS.index(first.splits)
+    near = [DIRECT_SPLITS[j] for j in (i - 1, i + 1) if 0 <= j < len(DIRECT_SPLITS)]
+    configs = [first, *(DirectConfig(first.pixels_per_lane, 8, n) for n in near)]
+    configs.append(DirectConfig(3 - first.pixels_per_lane, 8, first.splits))
+    return configs
 
 
 def candidate_configs(
@@ -57,7 +60,7 @@ def candidate_configs(
     config of the other kernel, then both kernels' variants (direct ones first); `limit`
     keeps the first few."""
     tiled = tiled_candidates(geometry, batch, density)
-    direct = direct_candidates(geometry, batch)[:4]
+    direct = direct_candidates(geometry, batch, density)
     default = default_config(geometry, batch, density)
     if isinstance(default, DirectConfig):
         ordered = [default, tiled[0], *direct[1:], *tiled[1:]]

@@ -1,6 +1,6 @@
 """The direct kernel's config, metadata and launch. Metadata building is pure torch (CPU).
 
-`escort_direct<P>` (direct_cuda.py) gives each warp one output channel and 32 * P output
+`escort_direct<P>` (direct_cuda.py) gives `splits` warps one output channel and 32 * P output
 pixels; a block of `warps` warps shares its pixels, so the input values one warp loads are
 in L1 for the block's other channels. Rows are sorted by nonzero count, so the warps of a
 block finish together. Its metadata is the stretched CSR of the paper taken against the
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from service.kernels import cuda as cuda_backend
-from service.kernels.direct_cuda import DIRECT_PIXELS_PER_LANE, direct_kernel_name
+from service.kernels.direct_cuda import DIRECT_PIXELS_PER_LANE, DIRECT_SPLITS, direct_kernel_name
 from service.kernels.stretched_csr import ConvGeometry, SparseWeight
 
 DIRECT_WARPS = (4, 8)
@@ -27,13 +27,20 @@ _MAX_OFFSET = 2**31 - 1
 @dataclass(frozen=True)
 class DirectConfig:
     pixels_per_lane: int  # P: output pixels per lane (pixel j = lane + 32 * i)
-    warps: int  # output channels per block, one per warp
+    warps: int  # warps per block
+    splits: int = 1  # warps sharing one output channel's nonzeros
 
     def __post_init__(self) -> None:
         if self.pixels_per_lane not in DIRECT_PIXELS_PER_LANE:
             raise ValueError(f"no compiled direct kernel for {self}")
         if self.warps not in DIRECT_WARPS:
             raise ValueError(f"direct kernel blocks have {DIRECT_WARPS} warps, got {self}")
+        if self.splits not in DIRECT_SPLITS or self.warps % self.splits:
+            raise ValueError(f"splits must be one of {DIRECT_SPLITS} and divide warps: {self}")
+
+    @property
+    def rows_per_block(self) -> int:
+        return self.warps // self.splits
 
     @property
     def threads(self) -> int:
@@ -44,7 +51,7 @@ class DirectConfig:
         pixels = batch * oh * ow
         return (
             -(-pixels // (32 * self.pixels_per_lane)),
-            -(-geometry.out_channels // self.warps),
+            -(-geometry.out_channels // self.rows_per_block),
             1,
         )
 
@@ -97,7 +104,22 @@ def build_direct_meta(weight: SparseWeight, geometry: ConvGeometry) -> DirectMet
 
 
 _POINTERS = ("meta", "rowptr", "perm", "bias")
-_INTS = ("H", "W", "K", "OH", "OW", "sh", "sw", "pt", "pl", "reach_h", "reach_w", "pixels", "act")
+_INTS = [
+    "H",
+    "W",
+    "K",
+    "OH",
+    "OW",
+    "sh",
+    "sw",
+    "pt",
+    "pl",
+    "reach_h",
+    "reach_w",
+    "pixels",
+    "splits",
+    "act",
+]
 # The DirectParams struct of the CUDA source, field for field (aligned as C lays it out).
 DIRECT_PARAMS_DTYPE = np.dtype(
     [(name, np.uint64) for name in _POINTERS]
@@ -109,6 +131,7 @@ DIRECT_PARAMS_DTYPE = np.dtype(
 
 def direct_params(
     geometry: ConvGeometry,
+    config: DirectConfig,
     batch: int,
     activation: str | None,
     pointers: dict[str, int] | None = None,
@@ -134,6 +157,7 @@ def direct_params(
         reach_h=(r - 1) * dh,
         reach_w=(s - 1) * dw,
         pixels=batch * oh * ow,
+        splits=config.splits,
         act=cuda_backend.ACTIVATION_CODES[activation],
     )
     return values
@@ -156,7 +180,7 @@ def prepare_direct_launch(
         "bias": 0 if bias is None else bias.data_ptr(),
     }
     record = np.zeros(1, dtype=DIRECT_PARAMS_DTYPE)
-    for key, value in direct_params(geometry, batch, activation, pointers).items():
+    for key, value in direct_params(geometry, config, batch, activation, pointers).items():
         record[key] = value
     slots = (ctypes.c_uint64 * 3)()
     base = ctypes.addressof(slots)

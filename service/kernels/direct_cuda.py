@@ -1,17 +1,19 @@
 """CUDA source of `escort_direct<P>`: the direct kernel for layers too small to fill the GPU
 with tiles (batch 1, 7x7 to 28x28 maps). See direct.py for its decomposition.
 
-One warp computes one output channel over 32 * P output pixels of the flattened (image, row,
-column) space, one nonzero at a time: every lane reads the same (value, offset, taps) record
-(a broadcast load) and P input values through the read-only cache, so there is no staging, no
-barrier and no split: the kernel's latency is one pass over the row's nonzeros. Padding is
-implicit: a warp whose pixels all see their whole receptive field inside the image skips the
-bounds checks; the others check each tap against the image.
+`splits` warps compute one output channel over 32 * P output pixels of the flattened (image,
+row, column) space, each warp a share of the row's nonzeros, and add their sums in shared
+memory. A warp reads 32 (value, offset, taps) records at a time, one per lane, and hands them
+round by shuffles; every lane then loads P input values through the read-only cache. There
+is no staging of the input and no workspace: the latency is one pass over a share of the
+row's nonzeros. Padding is implicit: a warp whose pixels all see their whole receptive field
+inside the image skips the bounds checks; the others check each tap against the image.
 """
 
 from __future__ import annotations
 
 DIRECT_PIXELS_PER_LANE = (1, 2, 4)
+DIRECT_SPLITS = (1, 2, 4, 8)
 
 DIRECT_SOURCE = r"""
 struct DirectParams {
@@ -24,6 +26,7 @@ struct DirectParams {
     int sh, sw, pt, pl;
     int reach_h, reach_w;       // (R - 1) * dilation_h, (S - 1) * dilation_w
     int pixels;                 // N * OH * OW
+    int splits;                 // warps sharing one row's nonzeros (divides the block's warps)
     int act;
 };
 
@@ -32,12 +35,13 @@ __global__ void __launch_bounds__(256) escort_direct(
     const float* __restrict__ x, float* __restrict__ out, const float* __restrict__ res,
     const DirectParams p)
 {
+    __shared__ float partial[8][32 * 4];  // [warp][i * 32 + lane], for splits > 1
+    const unsigned int full = 0xffffffffu;
     const int lane = threadIdx.x & 31;
-    const int row = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= p.K) return;  // warp-uniform: the whole warp leaves
-    const int4* __restrict__ meta = reinterpret_cast<const int4*>(p.meta);
-    const int* __restrict__ rowptr = reinterpret_cast<const int*>(p.rowptr);
-    const int k = __ldg(reinterpret_cast<const int*>(p.perm) + row);
+    const int warp = threadIdx.x >> 5;
+    const int part = warp % p.splits;  // which share of the row's nonzeros this warp takes
+    const int row = blockIdx.y * ((blockDim.x >> 5) / p.splits) + warp / p.splits;
+    const bool active = row < p.K;  // warp-uniform
     const int plane = p.OH * p.OW;
 
     long long base[P];
@@ -63,33 +67,59 @@ __global__ void __launch_bounds__(256) escort_direct(
 #pragma unroll
     for (int i = 0; i < P; ++i) acc[i] = 0.0f;
 
-    const int end = __ldg(rowptr + row + 1);
-    int e = __ldg(rowptr + row);
-    if (__all_sync(0xffffffffu, interior)) {
+    if (active) {
+        const int* __restrict__ rowptr = reinterpret_cast<const int*>(p.rowptr);
+        const int4* __restrict__ meta = reinterpret_cast<const int4*>(p.meta);
+        const int end = __ldg(rowptr + row + 1);
+        const bool fast = __all_sync(full, interior);
+        // 32 records at a time, one per lane (a coalesced load), then broadcast by shuffles:
+        // the input loads of a batch depend on registers only, so many are in flight.
+        for (int b0 = __ldg(rowptr + row) + part * 32; b0 < end; b0 += 32 * p.splits) {
+            const int count = min(32, end - b0);
+            const int4 m = lane < count ? __ldg(meta + b0 + lane) : make_int4(0, 0, 0, 0);
+            if (fast) {
+#pragma unroll 8
+                for (int t = 0; t < count; ++t) {
+                    const float v = __int_as_float(__shfl_sync(full, m.x, t));
+                    const int off = __shfl_sync(full, m.y, t);
+#pragma unroll
+                    for (int i = 0; i < P; ++i)
+                        acc[i] = fmaf(v, __ldg(x + base[i] + off), acc[i]);
+                }
+            } else {
 #pragma unroll 4
-        for (; e < end; ++e) {
-            const int4 m = __ldg(meta + e);
-            const float v = __int_as_float(m.x);
+                for (int t = 0; t < count; ++t) {
+                    const float v = __int_as_float(__shfl_sync(full, m.x, t));
+                    const int off = __shfl_sync(full, m.y, t);
+                    const int taps = __shfl_sync(full, m.z, t);
+                    const int rr = taps & 0xffff;
+                    const int ss = taps >> 16;
 #pragma unroll
-            for (int i = 0; i < P; ++i) acc[i] = fmaf(v, __ldg(x + base[i] + m.y), acc[i]);
-        }
-    } else {
-#pragma unroll 2
-        for (; e < end; ++e) {
-            const int4 m = __ldg(meta + e);
-            const float v = __int_as_float(m.x);
-            const int rr = m.z & 0xffff;
-            const int ss = m.z >> 16;
-#pragma unroll
-            for (int i = 0; i < P; ++i) {
-                const bool inside = (unsigned int)(ih0[i] + rr) < (unsigned int)p.H
-                                    && (unsigned int)(iw0[i] + ss) < (unsigned int)p.W;
-                const float xv = inside ? __ldg(x + base[i] + m.y) : 0.0f;
-                acc[i] = fmaf(v, xv, acc[i]);
+                    for (int i = 0; i < P; ++i) {
+                        const bool inside = (unsigned int)(ih0[i] + rr) < (unsigned int)p.H
+                                            && (unsigned int)(iw0[i] + ss) < (unsigned int)p.W;
+                        const float xv = inside ? __ldg(x + base[i] + off) : 0.0f;
+                        acc[i] = fmaf(v, xv, acc[i]);
+                    }
+                }
             }
         }
     }
 
+    if (p.splits > 1) {
+        // The row's warps meet in shared memory; its first warp adds the shares and stores.
+#pragma unroll
+        for (int i = 0; i < P; ++i) partial[warp][i * 32 + lane] = acc[i];
+        __syncthreads();
+        if (part != 0 || !active) return;
+        for (int s = 1; s < p.splits; ++s)
+#pragma unroll
+            for (int i = 0; i < P; ++i) acc[i] += partial[warp + s][i * 32 + lane];
+    } else if (!active) {
+        return;
+    }
+
+    const int k = __ldg(reinterpret_cast<const int*>(p.perm) + row);
     const float b = p.bias ? __ldg(reinterpret_cast<const float*>(p.bias) + k) : 0.0f;
 #pragma unroll
     for (int i = 0; i < P; ++i) {

@@ -54,7 +54,16 @@ def emulate_direct(
             # The warp's lanes (32 of them, each with P pixels) vote on the fast path together.
             warp_interior = interior.all()
             acc = np.zeros(lanes)
-            for e in range(rowptr[row], rowptr[row + 1]):
+            # Warp `part` of the row takes records in batches of 32, every splits-th batch.
+            beg, end = rowptr[row], rowptr[row + 1]
+            shares = [
+                e
+                for part in range(p["splits"])
+                for b0 in range(beg + 32 * part, end, 32 * p["splits"])
+                for e in range(b0, min(b0 + 32, end))
+            ]
+            assert sorted(shares) == list(range(beg, end))  # each record exactly once
+            for e in shares:
                 address = base + offsets[e]
                 if warp_interior:
                     inside = np.ones(lanes, dtype=bool)

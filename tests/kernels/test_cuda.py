@@ -13,7 +13,7 @@ import torch
 from service.kernels import SparseConvPlan, sparse_conv2d
 from service.kernels.configs import candidate_configs
 from service.kernels.direct import DIRECT_WARPS, DirectConfig
-from service.kernels.direct_cuda import DIRECT_PIXELS_PER_LANE
+from service.kernels.direct_cuda import DIRECT_PIXELS_PER_LANE, DIRECT_SPLITS
 from service.kernels.stretched_csr import make_geometry
 from service.kernels.tiling import TileConfig
 from tests.kernels.conftest import assert_matches, prune, random_case
@@ -72,7 +72,9 @@ def test_direct_kernel_matches_conv2d(seed: int) -> None:
     plan = SparseConvPlan(case.weight, case.bias, **case.kwargs)
     hw, n = tuple(case.x.shape[2:]), case.x.shape[0]
     p = DIRECT_PIXELS_PER_LANE[seed % len(DIRECT_PIXELS_PER_LANE)]
-    plan._tuned[(hw[0], hw[1], n)] = DirectConfig(p, DIRECT_WARPS[seed // 3 % len(DIRECT_WARPS)])
+    warps = DIRECT_WARPS[seed // 3 % len(DIRECT_WARPS)]
+    splits = [s for s in DIRECT_SPLITS if warps % s == 0][seed // 6 % 3]
+    plan._tuned[(hw[0], hw[1], n)] = DirectConfig(p, warps, splits)
     y = _run(plan, case, _poisoned(plan, case.x))
     assert_matches(y, case.expected())
 

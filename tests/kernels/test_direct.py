@@ -16,7 +16,7 @@ from service.kernels.direct import (
     build_direct_meta,
     direct_params,
 )
-from service.kernels.direct_cuda import DIRECT_PIXELS_PER_LANE, DIRECT_SOURCE
+from service.kernels.direct_cuda import DIRECT_PIXELS_PER_LANE, DIRECT_SOURCE, DIRECT_SPLITS
 from service.kernels.stretched_csr import SparseWeight, make_geometry
 from service.kernels.tiling import TileConfig
 from tests.kernels.conftest import assert_matches, prune, random_case
@@ -33,8 +33,9 @@ def test_emulated_direct_kernel_matches_conv2d(seed: int) -> None:
     geometry = _geometry_of(case)
     meta = build_direct_meta(SparseWeight.from_dense(case.weight), geometry)
     n = case.x.shape[0]
-    config = DirectConfig(DIRECT_PIXELS_PER_LANE[seed % len(DIRECT_PIXELS_PER_LANE)], 8)
-    params = direct_params(geometry, n, case.activation)
+    splits = DIRECT_SPLITS[seed // 3 % len(DIRECT_SPLITS)]
+    config = DirectConfig(DIRECT_PIXELS_PER_LANE[seed % len(DIRECT_PIXELS_PER_LANE)], 8, splits)
+    params = direct_params(geometry, config, n, case.activation)
     y = emulate_direct(case.x, meta, config, params, case.bias, case.residual)
     assert_matches(y, case.expected(), rel=1e-9)
 
@@ -46,7 +47,7 @@ def test_interior_warps_and_border_warps_both_happen() -> None:
     weight = prune(torch.randn(6, 5, 3, 3, generator=gen), 0.5, gen)
     x = torch.randn(1, 5, 70, 70, generator=gen)
     geometry = make_geometry(weight.shape, (70, 70), padding=1)
-    params = direct_params(geometry, 1, None)
+    params = direct_params(geometry, DirectConfig(1, 8), 1, None)
     expected = torch.nn.functional.conv2d(x.double(), weight.double(), padding=1)
     meta = build_direct_meta(SparseWeight.from_dense(weight), geometry)
     y = emulate_direct(x, meta, DirectConfig(1, 8), params, None, None)
@@ -114,4 +115,5 @@ def test_direct_parameter_struct_matches_the_cuda_source() -> None:
         offset += sizes[ctype]
     assert DIRECT_PARAMS_DTYPE.itemsize == -(-offset // 8) * 8
     geometry = make_geometry((8, 4, 3, 3), (9, 9), padding=1)
-    assert set(direct_params(geometry, 2, "relu")) == set(DIRECT_PARAMS_DTYPE.names)
+    params = direct_params(geometry, DirectConfig(2, 8, 4), 2, "relu")
+    assert set(params) == set(DIRECT_PARAMS_DTYPE.names) and params["splits"] == 4

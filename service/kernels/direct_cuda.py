@@ -3,8 +3,9 @@ with tiles (batch 1, 7x7 to 28x28 maps). See direct.py for its decomposition.
 
 `splits` warps compute one output channel over 32 * P output pixels of the flattened (image,
 row, column) space, each warp a share of the row's nonzeros, and add their sums in shared
-memory. A warp reads 32 (value, offset, taps) records at a time, one per lane, and hands them
-round by shuffles; every lane then loads P input values through the read-only cache. There
+memory. A warp reads 32 (value, offset, taps) records at a time, one per lane, into shared
+memory, and then walks them with broadcast reads; every lane loads P input values through the
+read-only cache. There
 is no staging of the input and no workspace: the latency is one pass over a share of the
 row's nonzeros. Padding is implicit: a warp whose pixels all see their whole receptive field
 inside the image skips the bounds checks; the others check each tap against the image.
@@ -36,6 +37,7 @@ __global__ void __launch_bounds__(256) escort_direct(
     const DirectParams p)
 {
     __shared__ float partial[8][32 * 4];  // [warp][i * 32 + lane], for splits > 1
+    __shared__ int4 records[8][32];       // each warp's current batch of records
     const unsigned int full = 0xffffffffu;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
@@ -72,37 +74,43 @@ __global__ void __launch_bounds__(256) escort_direct(
         const int4* __restrict__ meta = reinterpret_cast<const int4*>(p.meta);
         const int end = __ldg(rowptr + row + 1);
         const bool fast = __all_sync(full, interior);
-        // 32 records at a time, one per lane (a coalesced load), then broadcast by shuffles:
-        // the input loads of a batch depend on registers only, so many are in flight.
-        for (int b0 = __ldg(rowptr + row) + part * 32; b0 < end; b0 += 32 * p.splits) {
+        // 32 records at a time: one coalesced load (one record per lane, the next batch's
+        // issued before this one is used), then each record is read by the whole warp from
+        // shared memory (one broadcast load), so the input loads depend on nothing in flight.
+        int b0 = __ldg(rowptr + row) + part * 32;
+        const int step = 32 * p.splits;
+        int4 next = b0 + lane < end ? __ldg(meta + b0 + lane) : make_int4(0, 0, 0, 0);
+        for (; b0 < end; b0 += step) {
             const int count = min(32, end - b0);
-            const int4 m = lane < count ? __ldg(meta + b0 + lane) : make_int4(0, 0, 0, 0);
+            records[warp][lane] = next;
+            __syncwarp();
+            if (b0 + step + lane < end) next = __ldg(meta + b0 + step + lane);
             if (fast) {
 #pragma unroll 8
                 for (int t = 0; t < count; ++t) {
-                    const float v = __int_as_float(__shfl_sync(full, m.x, t));
-                    const int off = __shfl_sync(full, m.y, t);
+                    const int4 m = records[warp][t];
+                    const float v = __int_as_float(m.x);
 #pragma unroll
                     for (int i = 0; i < P; ++i)
-                        acc[i] = fmaf(v, __ldg(x + base[i] + off), acc[i]);
+                        acc[i] = fmaf(v, __ldg(x + base[i] + m.y), acc[i]);
                 }
             } else {
 #pragma unroll 4
                 for (int t = 0; t < count; ++t) {
-                    const float v = __int_as_float(__shfl_sync(full, m.x, t));
-                    const int off = __shfl_sync(full, m.y, t);
-                    const int taps = __shfl_sync(full, m.z, t);
-                    const int rr = taps & 0xffff;
-                    const int ss = taps >> 16;
+                    const int4 m = records[warp][t];
+                    const float v = __int_as_float(m.x);
+                    const int rr = m.z & 0xffff;
+                    const int ss = m.z >> 16;
 #pragma unroll
                     for (int i = 0; i < P; ++i) {
                         const bool inside = (unsigned int)(ih0[i] + rr) < (unsigned int)p.H
                                             && (unsigned int)(iw0[i] + ss) < (unsigned int)p.W;
-                        const float xv = inside ? __ldg(x + base[i] + off) : 0.0f;
+                        const float xv = inside ? __ldg(x + base[i] + m.y) : 0.0f;
                         acc[i] = fmaf(v, xv, acc[i]);
                     }
                 }
             }
+            __syncwarp();
         }
     }
 

@@ -87,7 +87,11 @@ def build_direct_meta(weight: SparseWeight, geometry: ConvGeometry) -> DirectMet
     perm = torch.sort(counts, descending=True, stable=True).indices
     pos_of_row = torch.empty(geometry.out_channels, dtype=torch.int64)
     pos_of_row[perm] = torch.arange(geometry.out_channels)
-    order = torch.sort(pos_of_row[weight.rows], stable=True).indices
+    # Sorted row by row, and within a row by tap, then channel: the kernel recomputes its
+    # bounds checks only when the tap changes.
+    taps = geometry.kernel_size[0] * geometry.kernel_size[1]
+    tap = weight.taps_r * geometry.kernel_size[1] + weight.taps_s
+    order = torch.sort((pos_of_row[weight.rows] * taps + tap) * cg + weight.chans).indices
     chan = (weight.rows // kg) * cg + weight.chans
     rr, ss = weight.taps_r * dh, weight.taps_s * dw
     meta = torch.zeros(weight.nnz, 4, dtype=torch.int32)

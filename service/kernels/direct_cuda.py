@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(256) escort_direct(
     const bool active = row < p.K;  // warp-uniform
     const int plane = p.OH * p.OW;
 
-    long long base[P];
+    const float* xp[P];  // this lane's pixel's window origin in the input (maybe outside it)
     int ih0[P], iw0[P], q[P];
     bool interior = true;
 #pragma unroll
@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(256) escort_direct(
         // A pixel past the end gets a window far outside the image: every check fails.
         ih0[i] = valid ? oh * p.sh - p.pt : -(1 << 28);
         iw0[i] = valid ? ow * p.sw - p.pl : -(1 << 28);
-        base[i] = valid ? n * p.image_floats + (long long)ih0[i] * p.W + iw0[i] : 0;
+        xp[i] = valid ? x + (n * p.image_floats + (long long)ih0[i] * p.W + iw0[i]) : x;
         interior = interior && valid && ih0[i] >= 0 && ih0[i] + p.reach_h < p.H
                    && iw0[i] >= 0 && iw0[i] + p.reach_w < p.W;
     }
@@ -91,21 +91,31 @@ __global__ void __launch_bounds__(256) escort_direct(
                     const int4 m = records[warp][t];
                     const float v = __int_as_float(m.x);
 #pragma unroll
-                    for (int i = 0; i < P; ++i)
-                        acc[i] = fmaf(v, __ldg(x + base[i] + m.y), acc[i]);
+                    for (int i = 0; i < P; ++i) acc[i] = fmaf(v, __ldg(xp[i] + m.y), acc[i]);
                 }
             } else {
+                // A row's records are sorted by tap, so which of this lane's pixels see the
+                // tap inside the image changes about R * S times per row, not per record.
+                int tap = -1;
+                bool inside[P];
+#pragma unroll
+                for (int i = 0; i < P; ++i) inside[i] = false;
 #pragma unroll 4
                 for (int t = 0; t < count; ++t) {
                     const int4 m = records[warp][t];
+                    if (m.z != tap) {  // warp-uniform: every lane read the same record
+                        tap = m.z;
+                        const int rr = tap & 0xffff;
+                        const int ss = tap >> 16;
+#pragma unroll
+                        for (int i = 0; i < P; ++i)
+                            inside[i] = (unsigned int)(ih0[i] + rr) < (unsigned int)p.H
+                                        && (unsigned int)(iw0[i] + ss) < (unsigned int)p.W;
+                    }
                     const float v = __int_as_float(m.x);
-                    const int rr = m.z & 0xffff;
-                    const int ss = m.z >> 16;
 #pragma unroll
                     for (int i = 0; i < P; ++i) {
-                        const bool inside = (unsigned int)(ih0[i] + rr) < (unsigned int)p.H
-                                            && (unsigned int)(iw0[i] + ss) < (unsigned int)p.W;
-                        const float xv = inside ? __ldg(x + base[i] + m.y) : 0.0f;
+                        const float xv = inside[i] ? __ldg(xp[i] + m.y) : 0.0f;
                         acc[i] = fmaf(v, xv, acc[i]);
                     }
                 }

@@ -72,6 +72,8 @@ def test_metadata_rows_are_sorted_and_offsets_address_the_unpadded_input() -> No
     for row in range(12):
         k = int(meta.perm[row])
         records = meta.meta[meta.rowptr[row] : meta.rowptr[row + 1]]
+        taps = records[:, 2].tolist()
+        assert taps == sorted(taps, key=lambda t: (t & 0xFFFF, t >> 16))  # grouped by tap
         for value_bits, offset, taps, pad in records.tolist():
             rr, ss = taps & 0xFFFF, taps >> 16
             c, rem = divmod(offset, 11 * 13)

@@ -10,7 +10,7 @@ nonzeros has the shorter latency.
 
 from __future__ import annotations
 
-from service.kernels.direct import DirectConfig
+from service.kernels.direct import DirectConfig, supports
 from service.kernels.direct_cuda import DIRECT_SPLITS
 from service.kernels.stretched_csr import ConvGeometry
 from service.kernels.tiling import TileConfig
@@ -35,7 +35,7 @@ def default_config(geometry: ConvGeometry, batch: int, density: float = 1.0) -> 
     """The tiled kernel's default, unless it has to split its channel loop to fill the GPU:
     then the direct kernel."""
     tiled = tiled_default(geometry, batch, density)
-    if tiled.splits > 1:
+    if tiled.splits > 1 and supports(geometry):
         return direct_default(geometry, batch, density)
     return tiled
 
@@ -45,6 +45,8 @@ def direct_candidates(
 ) -> list[DirectConfig]:
     """The default direct config, then its neighbours: half and twice the splits, the other
     pixels per lane."""
+    if not supports(geometry):
+        return []
     first = direct_default(geometry, batch, density)
     i = DIRECT_SPLITS.index(first.splits)
     near = [DIRECT_SPLITS[j] for j in (i - 1, i + 1) if 0 <= j < len(DIRECT_SPLITS)]
@@ -64,6 +66,8 @@ def candidate_configs(
     default = default_config(geometry, batch, density)
     if isinstance(default, DirectConfig):
         ordered = [default, tiled[0], *direct[1:], *tiled[1:]]
+    elif not direct:
+        ordered = tiled
     else:
         ordered = [default, *direct, *tiled[1:]]
     return ordered if limit is None else ordered[:limit]

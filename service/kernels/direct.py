@@ -5,7 +5,7 @@ pixels; a block of `warps` warps shares its pixels, so the input values one warp
 in L1 for the block's other channels. Rows are sorted by nonzero count, so the warps of a
 block finish together. Its metadata is the stretched CSR of the paper taken against the
 unpadded input (offset = (c * H + r * dil_h) * W + s * dil_w), one int4 record per nonzero
-with the tap's (r * dil_h, s * dil_w) beside it for the bounds checks at the borders.
+with the tap's index r * S + s beside it for the bounds checks at the borders.
 """
 
 from __future__ import annotations
@@ -21,7 +21,12 @@ from service.kernels.direct_cuda import DIRECT_PIXELS_PER_LANE, DIRECT_SPLITS, d
 from service.kernels.stretched_csr import ConvGeometry, SparseWeight
 
 DIRECT_WARPS = (4, 8)
+MAX_TAPS = 64  # R * S: a pixel's in-image taps are a 64-bit mask
 _MAX_OFFSET = 2**31 - 1
+
+
+def supports(geometry: ConvGeometry) -> bool:
+    return geometry.kernel_size[0] * geometry.kernel_size[1] <= MAX_TAPS
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,7 @@ class DirectConfig:
 class DirectMeta:
     """Depends on the geometry only: every DirectConfig of a geometry shares one."""
 
-    meta: torch.Tensor  # int32 [nnz, 4]: value bits, offset, rr | ss << 16, 0
+    meta: torch.Tensor  # int32 [nnz, 4]: value bits, offset, tap r * S + s, 0
     rowptr: torch.Tensor  # int32 [K + 1], sorted rows
     perm: torch.Tensor  # int32 [K]
 
@@ -81,6 +86,8 @@ def build_direct_meta(weight: SparseWeight, geometry: ConvGeometry) -> DirectMet
     h, w = geometry.input_hw
     if geometry.in_channels * h * w > _MAX_OFFSET:
         raise ValueError(f"input planes too large for 32-bit offsets: {geometry}")
+    if not supports(geometry):
+        raise ValueError(f"the direct kernel takes kernels of at most {MAX_TAPS} taps: {geometry}")
     (dh, dw), kg, cg = geometry.dilation, geometry.outputs_per_group, geometry.channels_per_group
     counts = weight.row_nnz
     # Stable, so equal counts keep channel order (deterministic metadata).
@@ -97,7 +104,7 @@ def build_direct_meta(weight: SparseWeight, geometry: ConvGeometry) -> DirectMet
     meta = torch.zeros(weight.nnz, 4, dtype=torch.int32)
     meta[:, 0] = weight.values.view(torch.int32)[order]
     meta[:, 1] = ((chan * h + rr) * w + ss)[order].to(torch.int32)
-    meta[:, 2] = (rr | (ss << 16))[order].to(torch.int32)
+    meta[:, 2] = tap[order].to(torch.int32)
     rowptr = torch.zeros(geometry.out_channels + 1, dtype=torch.int64)
     torch.cumsum(counts[perm], 0, out=rowptr[1:])
     return DirectMeta(
@@ -118,6 +125,10 @@ _INTS = [
     "sw",
     "pt",
     "pl",
+    "R",
+    "S",
+    "dh",
+    "dw",
     "reach_h",
     "reach_w",
     "pixels",
@@ -158,6 +169,10 @@ def direct_params(
         sw=geometry.stride[1],
         pt=top,
         pl=left,
+        R=r,
+        S=s,
+        dh=dh,
+        dw=dw,
         reach_h=(r - 1) * dh,
         reach_w=(s - 1) * dw,
         pixels=batch * oh * ow,

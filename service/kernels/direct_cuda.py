@@ -8,7 +8,8 @@ memory, and then walks them with broadcast reads; every lane loads P input value
 read-only cache. There
 is no staging of the input and no workspace: the latency is one pass over a share of the
 row's nonzeros. Padding is implicit: a warp whose pixels all see their whole receptive field
-inside the image skips the bounds checks; the others check each tap against the image.
+inside the image skips the bounds checks; the others test each record's tap against a per-pixel mask of the taps that
+fall inside the image (one shift and one test per input value).
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ DIRECT_SPLITS = (1, 2, 4, 8)
 
 DIRECT_SOURCE = r"""
 struct DirectParams {
-    unsigned long long meta;    // int4 per nonzero, rows in sorted order: (value bits, offset, rr | ss << 16, 0)
+    unsigned long long meta;    // int4 per nonzero, rows in sorted order: (value bits, offset, tap r * S + s, 0)
     unsigned long long rowptr;  // int [K + 1]: each sorted row's nonzeros in meta
     unsigned long long perm;    // int [K]: the output channel of sorted row p
     unsigned long long bias;    // float [K], or 0
     long long image_floats;     // C * H * W
     int H, W, K, OH, OW;
     int sh, sw, pt, pl;
-    int reach_h, reach_w;       // (R - 1) * dilation_h, (S - 1) * dilation_w
+    int R, S, dh, dw;           // kernel size and dilation (R * S <= 64)
+    int reach_h, reach_w;       // (R - 1) * dh, (S - 1) * dw
     int pixels;                 // N * OH * OW
     int splits;                 // warps sharing one row's nonzeros (divides the block's warps)
     int act;
@@ -64,6 +66,19 @@ __global__ void __launch_bounds__(256) escort_direct(
         interior = interior && valid && ih0[i] >= 0 && ih0[i] + p.reach_h < p.H
                    && iw0[i] >= 0 && iw0[i] + p.reach_w < p.W;
     }
+    // Bit r * S + s of taps[i]: tap (r, s) of pixel i falls inside the image.
+    unsigned long long taps[P];
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+        unsigned int rows = 0, cols = 0;
+        for (int r = 0; r < p.R; ++r)
+            rows |= (unsigned int)((unsigned int)(ih0[i] + r * p.dh) < (unsigned int)p.H) << r;
+        for (int s = 0; s < p.S; ++s)
+            cols |= (unsigned int)((unsigned int)(iw0[i] + s * p.dw) < (unsigned int)p.W) << s;
+        taps[i] = 0;
+        for (int r = 0; r < p.R; ++r)
+            if ((rows >> r) & 1u) taps[i] |= (unsigned long long)cols << (r * p.S);
+    }
 
     float acc[P];
 #pragma unroll
@@ -94,28 +109,13 @@ __global__ void __launch_bounds__(256) escort_direct(
                     for (int i = 0; i < P; ++i) acc[i] = fmaf(v, __ldg(xp[i] + m.y), acc[i]);
                 }
             } else {
-                // A row's records are sorted by tap, so which of this lane's pixels see the
-                // tap inside the image changes about R * S times per row, not per record.
-                int tap = -1;
-                bool inside[P];
-#pragma unroll
-                for (int i = 0; i < P; ++i) inside[i] = false;
 #pragma unroll 4
                 for (int t = 0; t < count; ++t) {
                     const int4 m = records[warp][t];
-                    if (m.z != tap) {  // warp-uniform: every lane read the same record
-                        tap = m.z;
-                        const int rr = tap & 0xffff;
-                        const int ss = tap >> 16;
-#pragma unroll
-                        for (int i = 0; i < P; ++i)
-                            inside[i] = (unsigned int)(ih0[i] + rr) < (unsigned int)p.H
-                                        && (unsigned int)(iw0[i] + ss) < (unsigned int)p.W;
-                    }
                     const float v = __int_as_float(m.x);
 #pragma unroll
                     for (int i = 0; i < P; ++i) {
-                        const float xv = inside[i] ? __ldg(xp[i] + m.y) : 0.0f;
+                        const float xv = (taps[i] >> m.z) & 1ull ? __ldg(xp[i] + m.y) : 0.0f;
                         acc[i] = fmaf(v, xv, acc[i]);
                     }
                 }

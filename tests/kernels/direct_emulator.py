@@ -42,6 +42,13 @@ def emulate_direct(
         ih0 = np.where(valid, oh * p["sh"] - p["pt"], -(1 << 28))
         iw0 = np.where(valid, ow * p["sw"] - p["pl"], -(1 << 28))
         base = np.where(valid, n * p["image_floats"] + ih0 * p["W"] + iw0, 0)
+        # Bit r * S + s: tap (r, s) inside the image, for every lane's pixel.
+        taps_inside = np.zeros(lanes, dtype=np.uint64)
+        for r in range(p["R"]):
+            for s in range(p["S"]):
+                ok = (ih0 + r * p["dh"] >= 0) & (ih0 + r * p["dh"] < p["H"])
+                ok &= (iw0 + s * p["dw"] >= 0) & (iw0 + s * p["dw"] < p["W"])
+                taps_inside |= ok.astype(np.uint64) << np.uint64(r * p["S"] + s)
         interior = (
             valid
             & (ih0 >= 0)
@@ -68,10 +75,7 @@ def emulate_direct(
                 if warp_interior:
                     inside = np.ones(lanes, dtype=bool)
                 else:
-                    rr, ss = taps[e] & 0xFFFF, taps[e] >> 16
-                    inside = ((ih0 + rr >= 0) & (ih0 + rr < p["H"])) & (
-                        (iw0 + ss >= 0) & (iw0 + ss < p["W"])
-                    )
+                    inside = ((taps_inside >> np.uint64(taps[e])) & np.uint64(1)).astype(bool)
                 loaded = address[inside]
                 if loaded.size and (loaded.min() < 0 or loaded.max() >= xs.size):
                     raise IndexError(f"row {row}: load outside the input")

@@ -73,14 +73,14 @@ def test_metadata_rows_are_sorted_and_offsets_address_the_unpadded_input() -> No
         k = int(meta.perm[row])
         records = meta.meta[meta.rowptr[row] : meta.rowptr[row + 1]]
         taps = records[:, 2].tolist()
-        assert taps == sorted(taps, key=lambda t: (t & 0xFFFF, t >> 16))  # grouped by tap
-        for value_bits, offset, taps, pad in records.tolist():
-            rr, ss = taps & 0xFFFF, taps >> 16
+        assert taps == sorted(taps)  # grouped by tap
+        for value_bits, offset, tap, pad in records.tolist():
+            r, s = divmod(tap, 5)
             c, rem = divmod(offset, 11 * 13)
-            assert pad == 0 and rr % 2 == 0
-            assert rem == rr * 13 + ss
+            assert pad == 0
+            assert rem == (2 * r) * 13 + s
             value = np.array([value_bits], dtype=np.int32).view(np.float32)[0]
-            assert weight[k, c, rr // 2, ss] == value
+            assert weight[k, c, r, s] == value
 
 
 def test_default_is_direct_where_the_tiled_kernel_would_split() -> None:
@@ -119,3 +119,13 @@ def test_direct_parameter_struct_matches_the_cuda_source() -> None:
     geometry = make_geometry((8, 4, 3, 3), (9, 9), padding=1)
     params = direct_params(geometry, DirectConfig(2, 8, 4), 2, "relu")
     assert set(params) == set(DIRECT_PARAMS_DTYPE.names) and params["splits"] == 4
+
+
+def test_kernels_over_64_taps_stay_on_the_tiled_kernel() -> None:
+    """A pixel's in-image taps are a 64-bit mask, so AlexNet's 11x11 stem is tiled only."""
+    geometry = make_geometry((64, 3, 11, 11), (224, 224), stride=4, padding=2)
+    assert not any(isinstance(c, DirectConfig) for c in candidate_configs(geometry, 1, 0.3))
+    assert isinstance(default_config(geometry, 1, 0.3), TileConfig)
+    weight = prune(torch.randn(64, 3, 11, 11), 0.7, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="at most 64 taps"):
+        build_direct_meta(SparseWeight.from_dense(weight), geometry)

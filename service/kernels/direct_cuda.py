@@ -84,6 +84,10 @@ __global__ void __launch_bounds__(256) escort_direct(
 #pragma unroll
     for (int i = 0; i < P; ++i) acc[i] = 0.0f;
 
+    // The epilogue's channel and bias, loaded now so their latency hides behind the sums.
+    const int k = active ? __ldg(reinterpret_cast<const int*>(p.perm) + row) : 0;
+    const float b = p.bias && active ? __ldg(reinterpret_cast<const float*>(p.bias) + k) : 0.0f;
+
     if (active) {
         const int* __restrict__ rowptr = reinterpret_cast<const int*>(p.rowptr);
         const int4* __restrict__ meta = reinterpret_cast<const int4*>(p.meta);
@@ -109,7 +113,7 @@ __global__ void __launch_bounds__(256) escort_direct(
                     for (int i = 0; i < P; ++i) acc[i] = fmaf(v, __ldg(xp[i] + m.y), acc[i]);
                 }
             } else {
-#pragma unroll 4
+#pragma unroll 8
                 for (int t = 0; t < count; ++t) {
                     const int4 m = records[warp][t];
                     const float v = __int_as_float(m.x);
@@ -137,8 +141,6 @@ __global__ void __launch_bounds__(256) escort_direct(
         return;
     }
 
-    const int k = __ldg(reinterpret_cast<const int*>(p.perm) + row);
-    const float b = p.bias ? __ldg(reinterpret_cast<const float*>(p.bias) + k) : 0.0f;
 #pragma unroll
     for (int i = 0; i < P; ++i) {
         if (q[i] >= p.pixels) continue;

@@ -21,14 +21,13 @@ KernelConfig = TileConfig | DirectConfig
 
 
 def direct_default(geometry: ConvGeometry, batch: int, density: float = 1.0) -> DirectConfig:
-    """Eight warps per block; two pixels per lane on maps of 56x56 and more, else one; and
-    enough warps per output channel that each walks about 64 of its nonzeros (the row's
-    latency is one walk)."""
-    oh, ow = geometry.output_hw
+    """Two pixels per lane, eight warps per block, and enough warps per output channel that
+    each walks at most about 64 of its nonzeros (the row's latency is one walk). From H100
+    runs of the layer suite at batch 1."""
     r, s = geometry.kernel_size
     per_row = density * geometry.channels_per_group * r * s
     splits = next((n for n in DIRECT_SPLITS if per_row / n <= 64), DIRECT_SPLITS[-1])
-    return DirectConfig(2 if batch * oh * ow >= 56 * 56 else 1, 8, splits)
+    return DirectConfig(2, 8, splits)
 
 
 def default_config(geometry: ConvGeometry, batch: int, density: float = 1.0) -> KernelConfig:
@@ -43,15 +42,15 @@ def default_config(geometry: ConvGeometry, batch: int, density: float = 1.0) -> 
 def direct_candidates(
     geometry: ConvGeometry, batch: int, density: float = 1.0
 ) -> list[DirectConfig]:
-    """The default direct config, then its neighbours: half and twice the splits, the other
-    pixels per lane."""
+    """The default direct config, then its neighbours: half and twice the splits, one and
+    four pixels per lane."""
     if not supports(geometry):
         return []
     first = direct_default(geometry, batch, density)
     i = DIRECT_SPLITS.index(first.splits)
     near = [DIRECT_SPLITS[j] for j in (i - 1, i + 1) if 0 <= j < len(DIRECT_SPLITS)]
     configs = [first, *(DirectConfig(first.pixels_per_lane, 8, n) for n in near)]
-    configs.append(DirectConfig(3 - first.pixels_per_lane, 8, first.splits))
+    configs += [DirectConfig(p, 8, first.splits) for p in (1, 4)]
     return configs
 
 

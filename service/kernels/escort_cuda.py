@@ -172,14 +172,6 @@ __global__ void __launch_bounds__(256) escort_conv(
         for (int i = 0; i < P; ++i) acc[kk][i] = 0.0f;
 
     const int row0 = blockIdx.y * rows_per_block + warp * KW;
-    // The epilogue's channels and biases, loaded now so their latency hides behind the sums.
-    int krow[KW];
-    float brow[KW];
-#pragma unroll
-    for (int kk = 0; kk < KW; ++kk) {
-        krow[kk] = row0 + kk < p.K ? __ldg(perm + row0 + kk) : 0;
-        brow[kk] = bias && row0 + kk < p.K ? __ldg(bias + krow[kk]) : 0.0f;
-    }
     const int ih0 = oh0 * p.sh - p.pt;
     const int iw0 = ow0 * p.sw - p.pl;
 
@@ -241,8 +233,9 @@ __global__ void __launch_bounds__(256) escort_conv(
         // last for this (tile, row block) applies the epilogue and leaves the workspace zeroed.
 #pragma unroll
         for (int kk = 0; kk < KW; ++kk) {
-            if (row0 + kk >= p.K) continue;
-            const int k = krow[kk];
+            const int row = row0 + kk;
+            if (row >= p.K) continue;
+            const int k = perm[row];
 #pragma unroll
             for (int i = 0; i < P; ++i) {
                 const int jpx = lane + 32 * i;
@@ -272,9 +265,10 @@ __global__ void __launch_bounds__(256) escort_conv(
 
 #pragma unroll
     for (int kk = 0; kk < KW; ++kk) {
-        if (row0 + kk >= p.K) continue;
-        const int k = krow[kk];
-        const float b = brow[kk];
+        const int row = row0 + kk;
+        if (row >= p.K) continue;
+        const int k = perm[row];
+        const float b = bias ? bias[k] : 0.0f;
 #pragma unroll
         for (int i = 0; i < P; ++i) {
             const int jpx = lane + 32 * i;

@@ -204,9 +204,7 @@ def prepare_direct_launch(
     slots = (ctypes.c_uint64 * 3)()
     base = ctypes.addressof(slots)
     arg_pointers = (ctypes.c_void_p * 4)(base, base + 8, base + 16, record.ctypes.data)
-    taps = geometry.kernel_size[0] * geometry.kernel_size[1]
-    name = direct_kernel_name(config.pixels_per_lane, taps)
-    function = cuda_backend.get_kernel(device_index, name)
+    function = cuda_backend.get_kernel(device_index, direct_kernel_name(config.pixels_per_lane))
     return cuda_backend.EscortLaunch(
         function=function,
         grid=config.grid(geometry, batch),

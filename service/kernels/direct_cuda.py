@@ -33,7 +33,7 @@ struct DirectParams {
     int act;
 };
 
-template <int P, typename Mask>
+template <int P>
 __global__ void __launch_bounds__(256) escort_direct(
     const float* __restrict__ x, float* __restrict__ out, const float* __restrict__ res,
     const DirectParams p)
@@ -66,9 +66,8 @@ __global__ void __launch_bounds__(256) escort_direct(
         interior = interior && valid && ih0[i] >= 0 && ih0[i] + p.reach_h < p.H
                    && iw0[i] >= 0 && iw0[i] + p.reach_w < p.W;
     }
-    // Bit r * S + s of taps[i]: tap (r, s) of pixel i falls inside the image. Mask is 32 bits
-    // wide for kernels of up to 32 taps (one shift per test), else 64.
-    Mask taps[P];
+    // Bit r * S + s of taps[i]: tap (r, s) of pixel i falls inside the image.
+    unsigned long long taps[P];
 #pragma unroll
     for (int i = 0; i < P; ++i) {
         unsigned int rows = 0, cols = 0;
@@ -78,7 +77,7 @@ __global__ void __launch_bounds__(256) escort_direct(
             cols |= (unsigned int)((unsigned int)(iw0[i] + s * p.dw) < (unsigned int)p.W) << s;
         taps[i] = 0;
         for (int r = 0; r < p.R; ++r)
-            if ((rows >> r) & 1u) taps[i] |= (Mask)cols << (r * p.S);
+            if ((rows >> r) & 1u) taps[i] |= (unsigned long long)cols << (r * p.S);
     }
 
     float acc[P];
@@ -119,8 +118,10 @@ __global__ void __launch_bounds__(256) escort_direct(
                     const int4 m = records[warp][t];
                     const float v = __int_as_float(m.x);
 #pragma unroll
-                    for (int i = 0; i < P; ++i)
-                        if ((taps[i] >> m.z) & 1) acc[i] = fmaf(v, __ldg(xp[i] + m.y), acc[i]);
+                    for (int i = 0; i < P; ++i) {
+                        const float xv = (taps[i] >> m.z) & 1ull ? __ldg(xp[i] + m.y) : 0.0f;
+                        acc[i] = fmaf(v, xv, acc[i]);
+                    }
                 }
             }
             __syncwarp();
@@ -155,12 +156,8 @@ __global__ void __launch_bounds__(256) escort_direct(
 """
 
 
-def direct_kernel_name(pixels_per_lane: int, taps: int) -> str:
-    """The instantiation for P pixels per lane and a kernel of `taps` = R * S taps."""
-    mask = "unsigned int" if taps <= 32 else "unsigned long long"
-    return f"escort_direct<{pixels_per_lane}, {mask}>"
+def direct_kernel_name(pixels_per_lane: int) -> str:
+    return f"escort_direct<{pixels_per_lane}>"
 
 
-DIRECT_KERNEL_NAMES = tuple(
-    direct_kernel_name(p, taps) for p in DIRECT_PIXELS_PER_LANE for taps in (32, 64)
-)
+DIRECT_KERNEL_NAMES = tuple(direct_kernel_name(p) for p in DIRECT_PIXELS_PER_LANE)

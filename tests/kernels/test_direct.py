@@ -129,13 +129,3 @@ def test_kernels_over_64_taps_stay_on_the_tiled_kernel() -> None:
     weight = prune(torch.randn(64, 3, 11, 11), 0.7, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="at most 64 taps"):
         build_direct_meta(SparseWeight.from_dense(weight), geometry)
-
-
-def test_masks_are_32_bits_up_to_32_taps() -> None:
-    from service.kernels.direct_cuda import DIRECT_KERNEL_NAMES, direct_kernel_name
-
-    assert direct_kernel_name(2, 25) == "escort_direct<2, unsigned int>"
-    assert direct_kernel_name(2, 49) == "escort_direct<2, unsigned long long>"
-    assert set(DIRECT_KERNEL_NAMES) == {
-        direct_kernel_name(p, t) for p in DIRECT_PIXELS_PER_LANE for t in (9, 49)
-    }

@@ -33,6 +33,20 @@ struct DirectParams {
     int act;
 };
 
+// Bit j (j < count) set when 0 <= start + j * step < limit.
+__device__ __forceinline__ unsigned long long in_range_bits(int start, int count, int step,
+                                                            int limit) {
+    if (step == 1 && count < 64) {
+        const int lo = max(0, -start);
+        const int hi = min(count, limit - start);
+        return hi > lo ? ((1ull << hi) - 1ull) & ~((1ull << lo) - 1ull) : 0ull;
+    }
+    unsigned long long bits = 0;
+    for (int j = 0; j < count; ++j)
+        bits |= (unsigned long long)((unsigned int)(start + j * step) < (unsigned int)limit) << j;
+    return bits;
+}
+
 template <int P>
 __global__ void __launch_bounds__(256) escort_direct(
     const float* __restrict__ x, float* __restrict__ out, const float* __restrict__ res,
@@ -49,35 +63,36 @@ __global__ void __launch_bounds__(256) escort_direct(
     const int plane = p.OH * p.OW;
 
     const float* xp[P];  // this lane's pixel's window origin in the input (maybe outside it)
-    int ih0[P], iw0[P], q[P];
+    int ih0[P], iw0[P], q[P], nq[P], remq[P];
     bool interior = true;
 #pragma unroll
     for (int i = 0; i < P; ++i) {
         q[i] = blockIdx.x * (32 * P) + lane + 32 * i;
         const bool valid = q[i] < p.pixels;
-        const int n = valid ? q[i] / plane : 0;
-        const int rem = valid ? q[i] - n * plane : 0;
-        const int oh = rem / p.OW;
-        const int ow = rem - oh * p.OW;
+        nq[i] = valid ? q[i] / plane : 0;
+        remq[i] = valid ? q[i] - nq[i] * plane : 0;
+        const int oh = remq[i] / p.OW;
+        const int ow = remq[i] - oh * p.OW;
         // A pixel past the end gets a window far outside the image: every check fails.
         ih0[i] = valid ? oh * p.sh - p.pt : -(1 << 28);
         iw0[i] = valid ? ow * p.sw - p.pl : -(1 << 28);
-        xp[i] = valid ? x + (n * p.image_floats + (long long)ih0[i] * p.W + iw0[i]) : x;
+        xp[i] = valid ? x + (nq[i] * p.image_floats + (long long)ih0[i] * p.W + iw0[i]) : x;
         interior = interior && valid && ih0[i] >= 0 && ih0[i] + p.reach_h < p.H
                    && iw0[i] >= 0 && iw0[i] + p.reach_w < p.W;
     }
-    // Bit r * S + s of taps[i]: tap (r, s) of pixel i falls inside the image.
+    const bool fast = __all_sync(full, interior);
+    // Bit r * S + s of taps[i]: tap (r, s) of pixel i falls inside the image. Only warps with
+    // pixels near the border need it.
     unsigned long long taps[P];
 #pragma unroll
     for (int i = 0; i < P; ++i) {
-        unsigned int rows = 0, cols = 0;
-        for (int r = 0; r < p.R; ++r)
-            rows |= (unsigned int)((unsigned int)(ih0[i] + r * p.dh) < (unsigned int)p.H) << r;
-        for (int s = 0; s < p.S; ++s)
-            cols |= (unsigned int)((unsigned int)(iw0[i] + s * p.dw) < (unsigned int)p.W) << s;
         taps[i] = 0;
-        for (int r = 0; r < p.R; ++r)
-            if ((rows >> r) & 1u) taps[i] |= (unsigned long long)cols << (r * p.S);
+        if (!fast) {
+            const unsigned long long rows = in_range_bits(ih0[i], p.R, p.dh, p.H);
+            const unsigned long long cols = in_range_bits(iw0[i], p.S, p.dw, p.W);
+            for (int r = 0; r < p.R; ++r)
+                if ((rows >> r) & 1ull) taps[i] |= cols << (r * p.S);
+        }
     }
 
     float acc[P];
@@ -92,7 +107,6 @@ __global__ void __launch_bounds__(256) escort_direct(
         const int* __restrict__ rowptr = reinterpret_cast<const int*>(p.rowptr);
         const int4* __restrict__ meta = reinterpret_cast<const int4*>(p.meta);
         const int end = __ldg(rowptr + row + 1);
-        const bool fast = __all_sync(full, interior);
         // 32 records at a time: one coalesced load (one record per lane, the next batch's
         // issued before this one is used), then each record is read by the whole warp from
         // shared memory (one broadcast load), so the input loads depend on nothing in flight.
@@ -144,8 +158,7 @@ __global__ void __launch_bounds__(256) escort_direct(
 #pragma unroll
     for (int i = 0; i < P; ++i) {
         if (q[i] >= p.pixels) continue;
-        const int n = q[i] / plane;
-        const long long o = ((long long)n * p.K + k) * plane + (q[i] - n * plane);
+        const long long o = ((long long)nq[i] * p.K + k) * plane + remq[i];
         float v = acc[i] + b;
         if (res) v += res[o];
         if (p.act == 1) v = fmaxf(v, 0.0f);

@@ -14,6 +14,14 @@ import torch
 from service.kernels.direct import DirectConfig, DirectMeta
 
 
+def in_range_bits(start: int, count: int, step: int, limit: int) -> int:
+    """The kernel's in_range_bits: bit j set when 0 <= start + j * step < limit."""
+    if step == 1 and count < 64:
+        lo, hi = max(0, -start), min(count, limit - start)
+        return ((1 << hi) - 1) & ~((1 << lo) - 1) if hi > lo else 0
+    return sum(1 << j for j in range(count) if 0 <= start + j * step < limit)
+
+
 def emulate_direct(
     x: torch.Tensor,
     meta: DirectMeta,
@@ -42,13 +50,17 @@ def emulate_direct(
         ih0 = np.where(valid, oh * p["sh"] - p["pt"], -(1 << 28))
         iw0 = np.where(valid, ow * p["sw"] - p["pl"], -(1 << 28))
         base = np.where(valid, n * p["image_floats"] + ih0 * p["W"] + iw0, 0)
-        # Bit r * S + s: tap (r, s) inside the image, for every lane's pixel.
+        # Bit r * S + s: tap (r, s) inside the image, for every lane's pixel, built as the
+        # kernel builds it (in_range_bits for rows and columns, then spread over the rows).
         taps_inside = np.zeros(lanes, dtype=np.uint64)
-        for r in range(p["R"]):
-            for s in range(p["S"]):
-                ok = (ih0 + r * p["dh"] >= 0) & (ih0 + r * p["dh"] < p["H"])
-                ok &= (iw0 + s * p["dw"] >= 0) & (iw0 + s * p["dw"] < p["W"])
-                taps_inside |= ok.astype(np.uint64) << np.uint64(r * p["S"] + s)
+        for j in range(lanes):
+            rows = in_range_bits(int(ih0[j]), p["R"], p["dh"], p["H"])
+            cols = in_range_bits(int(iw0[j]), p["S"], p["dw"], p["W"])
+            mask = 0
+            for r in range(p["R"]):
+                if (rows >> r) & 1:
+                    mask |= cols << (r * p["S"])
+            taps_inside[j] = np.uint64(mask)
         interior = (
             valid
             & (ih0 >= 0)

@@ -4,7 +4,6 @@ a callable of the photos, expected status, words the error must contain)."""
 from __future__ import annotations
 
 import gzip
-import json
 import struct
 from collections.abc import Iterator
 
@@ -13,22 +12,11 @@ from PIL import Image
 
 from tests.service.fakes import FAKE_MODEL, encode_image, marked_tensor
 from tests.service.test_preprocess import png_with_size
+from tests.v2_bodies import binary_body, tensor_body
 
 V1 = f"/v1/models/{FAKE_MODEL}/classify"
 V2 = f"/v2/models/{FAKE_MODEL}/infer"
 LIMIT_BYTES = 2_000_000
-
-
-def tensor_body(tensor: np.ndarray, **extra) -> dict:
-    entry = {"name": "input", "shape": list(tensor.shape), "datatype": "FP32"}
-    entry["data"] = tensor.ravel().tolist()
-    return {"inputs": [entry], **extra}
-
-
-def binary_body(header: dict, blob: bytes, length: int | None = None):
-    head = json.dumps(header).encode()
-    hl = str(len(head)) if length is None else str(length)
-    return {"content": head + blob, "headers": {"Inference-Header-Content-Length": hl}}
 
 
 def binary_input(name: str, datatype: str, shape: list[int], size: int) -> dict:

@@ -13,16 +13,9 @@ from fastapi.testclient import TestClient
 
 from service.preprocess import preprocess_image
 from tests.service.fakes import FAKE_LABELS, FAKE_MODEL, FAKE_PREPROCESSING, FakeEngine
+from tests.v2_bodies import binary_request
 
 INFER = f"/v2/models/{FAKE_MODEL}/infer"
-
-
-def binary_request(header: dict, blobs: list[bytes]) -> tuple[bytes, dict[str, str]]:
-    head = json.dumps(header).encode()
-    return head + b"".join(blobs), {
-        "Inference-Header-Content-Length": str(len(head)),
-        "Content-Type": "application/octet-stream",
-    }
 
 
 def split_binary_response(response) -> tuple[dict, bytes]:

@@ -17,13 +17,9 @@ import service.app
 from service.app import create_app
 from tests.service.fakes import FAKE_MODEL, FakeEngine, marked_tensor
 from tests.service.servers import ProcessServer, ThreadServer, make_settings, wait_ready
+from tests.v2_bodies import tensor_body
 
 V2 = f"/v2/models/{FAKE_MODEL}/infer"
-
-
-def tensor_body(tensor: np.ndarray, **extra) -> dict:
-    entry = {"name": "input", "shape": list(tensor.shape), "datatype": "FP32"}
-    return {"inputs": [{**entry, "data": tensor.ravel().tolist()}], **extra}
 
 
 def metric_samples(text: str, name: str) -> dict[tuple, float]:

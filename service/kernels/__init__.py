@@ -1,4 +1,4 @@
-"""Escort direct sparse convolution: stretched CSR, the CUDA kernel, the CPU reference.
+"""Escort direct sparse convolution: stretched CSR, the CUDA kernels, the CPU reference.
 
 Public API:
 - `sparse_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, impl=...)`

@@ -4,6 +4,8 @@ The engine builds one plan per layer, calls `prepare(input_hw)` for each input s
 (before any CUDA-graph capture), and then calls the plan like a function. A call on the CUDA
 path launches one kernel on torch's current stream, with no host sync and no allocation beyond
 the output tensor (from torch's caching allocator), so it can be captured in a CUDA graph.
+Which kernel runs (tiled or direct) and with which config is decided per input size and batch
+(configs.py, `tune`).
 """
 
 from __future__ import annotations

@@ -287,10 +287,6 @@ def config_record(config: Any) -> dict[str, Any]:
     return {"kernel": "direct" if isinstance(config, DirectConfig) else "tiled", **asdict(config)}
 
 
-def plan_hw(layer: Layer) -> tuple[int, int]:
-    return (layer.hw, layer.hw)
-
-
 def profile(layers: list[Layer], args: argparse.Namespace) -> int:
     """Launches each shape's default config three times and the sconv_shm port once, for an
     external profiler."""
@@ -308,7 +304,7 @@ def profile(layers: list[Layer], args: argparse.Namespace) -> int:
                 port = bm.port_runner(
                     weight,
                     torch.zeros(layer.k, device="cuda"),
-                    plan_hw(layer),
+                    (layer.hw, layer.hw),
                     layer.stride,
                     layer.pad,
                 )

@@ -60,10 +60,6 @@ class DirectConfig:
             1,
         )
 
-    def blocks(self, geometry: ConvGeometry, batch: int) -> int:
-        gx, gy, _ = self.grid(geometry, batch)
-        return gx * gy
-
 
 @dataclass(frozen=True)
 class DirectMeta:
@@ -94,8 +90,8 @@ def build_direct_meta(weight: SparseWeight, geometry: ConvGeometry) -> DirectMet
     perm = torch.sort(counts, descending=True, stable=True).indices
     pos_of_row = torch.empty(geometry.out_channels, dtype=torch.int64)
     pos_of_row[perm] = torch.arange(geometry.out_channels)
-    # Sorted row by row, and within a row by tap, then channel: the kernel recomputes its
-    # bounds checks only when the tap changes.
+    # Sorted row by row, and within a row by tap, then channel (the order the kernel was
+    # measured with: a run of records reads one position of consecutive channel planes).
     taps = geometry.kernel_size[0] * geometry.kernel_size[1]
     tap = weight.taps_r * geometry.kernel_size[1] + weight.taps_s
     order = torch.sort((pos_of_row[weight.rows] * taps + tap) * cg + weight.chans).indices

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import FrameType
 
 import uvicorn
@@ -22,14 +23,16 @@ from fastapi import FastAPI
 from service.api import health, v1, v2
 from service.api.middleware import ServiceMiddleware
 from service.api.state import ServiceState
-from service.batching import BatchQueue
 from service.config import ConfigError, Settings, load_settings, unknown_environment_names
+from service.dispatch import Dispatcher, EngineFactory, LocalDispatcher, default_engine_factory
 from service.engine.protocol import Engine, EngineSpec
-from service.errors import register_error_handlers
+from service.errors import ServiceError, register_error_handlers
 from service.metrics import ServiceMetrics
 from service.preprocess import Preprocessor
 
 log = logging.getLogger("escort.app")
+
+DispatcherFactory = Callable[[Settings, ServiceMetrics], Dispatcher]
 
 
 def engine_spec(settings: Settings) -> EngineSpec:
@@ -47,41 +50,16 @@ def engine_spec(settings: Settings) -> EngineSpec:
     )
 
 
-def _load_engine(settings: Settings, metrics: ServiceMetrics) -> Engine:
-    # Imported here: the engine pulls in torch, which the rest of the service never needs.
-    from service.engine import load_engine
-
-    return load_engine(engine_spec(settings), layer_observer=metrics.observe_layer, progress=True)
-
-
-async def _prepare(state: ServiceState, engine: Engine | None) -> None:
-    """Load (unless injected), warm, start the batchers, then flip readiness."""
-    settings, metrics = state.settings, state.metrics
+async def _prepare(state: ServiceState, dispatcher: Dispatcher) -> None:
+    """Start the dispatcher (load and warm the engine, or wait for the engine core), then
+    flip readiness."""
+    metrics = state.metrics
     try:
         started = time.monotonic()
-        if engine is None:
-            engine = await asyncio.to_thread(_load_engine, settings, metrics)
-        state.engine = engine
-        models = engine.describe()
+        state.dispatcher = dispatcher
+        models = await dispatcher.start()
         for name, desc in models.items():
             metrics.prepare_model(name, desc.backends, desc.layer_sparsity)
-        probe = getattr(engine, "memory_stats", None)
-        metrics.set_memory_probe(probe if callable(probe) else None)
-        for name, desc in models.items():
-            for backend in desc.backends:
-                await asyncio.to_thread(engine.warmup, name, backend)
-                batcher = BatchQueue(
-                    name,
-                    backend,
-                    engine.infer,
-                    metrics,
-                    max_batch_size=min(settings.max_batch_size, desc.max_batch_size),
-                    max_batch_delay_ms=settings.max_batch_delay_ms,
-                    max_queue_size=settings.max_queue_size,
-                    retry_after_s=settings.retry_after_s,
-                )
-                batcher.start()
-                state.batchers[(name, backend)] = batcher
             metrics.model_ready.labels(name).set(1)
         state.models = dict(models)
         state.ready = True
@@ -94,7 +72,7 @@ async def _prepare(state: ServiceState, engine: Engine | None) -> None:
         raise
     except Exception as exc:
         state.load_error = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, LookupError | ValueError | OSError):
+        if isinstance(exc, LookupError | ValueError | OSError | ServiceError):
             log.error("could not load the models: %s", exc)  # a setup mistake: no traceback
         else:
             log.exception("could not load the models")
@@ -107,19 +85,29 @@ async def _shutdown(state: ServiceState) -> None:
     drain_s = state.settings.drain_timeout_s
     if not await state.wait_quiet(drain_s):
         log.warning("drain timeout: %d requests still in flight", state.inflight)
-    for batcher in state.batchers.values():
-        await batcher.close()
     for name in state.models:
         state.metrics.model_ready.labels(name).set(0)
+    if state.dispatcher is not None:
+        await state.dispatcher.close()
     state.preprocessor.close()
-    if state.engine is not None:
-        await asyncio.to_thread(state.engine.close)
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
-    """The service app. Pass `engine` to serve an already built Engine (tests use a fake)."""
+def create_app(
+    settings: Settings | None = None,
+    engine: Engine | None = None,
+    *,
+    engine_factory: EngineFactory = default_engine_factory,
+    dispatcher_factory: DispatcherFactory | None = None,
+) -> FastAPI:
+    """The service app. By default the engine runs in this process (`LocalDispatcher`); pass
+    `engine` to serve an already built one (tests use a fake), or `dispatcher_factory` to
+    reach an engine elsewhere (an HTTP worker of the engine core process)."""
     settings = settings or load_settings()
     expected = tuple(engine.describe()) if engine is not None else tuple(settings.models)
+    if dispatcher_factory is None:
+
+        def dispatcher_factory(settings: Settings, metrics: ServiceMetrics) -> Dispatcher:
+            return LocalDispatcher(settings, metrics, engine, engine_factory)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -132,7 +120,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         state = ServiceState(settings, metrics, preprocessor, expected)
         state.on_load_failure = getattr(app.state, "on_load_failure", None)
         app.state.service = state
-        preparing = asyncio.create_task(_prepare(state, engine), name="prepare-engine")
+        dispatcher = dispatcher_factory(settings, metrics)
+        preparing = asyncio.create_task(_prepare(state, dispatcher), name="prepare-engine")
         try:
             yield
         finally:
@@ -189,8 +178,9 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(app: FastAPI, settings: Settings) -> int:
-    """Run `app` with uvicorn (one worker, no reload) until it is told to stop."""
+def serve(app: FastAPI, settings: Settings, sockets: list[socket.socket] | None = None) -> int:
+    """Run `app` with uvicorn in this process until it is told to stop; on `sockets` when
+    given (an HTTP worker's share of the supervisor's listener), else on host:port."""
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -206,7 +196,7 @@ def serve(app: FastAPI, settings: Settings) -> int:
         server.should_exit = True
 
     app.state.on_load_failure = stop_on_load_failure
-    server.run()
+    server.run(sockets=sockets)
     state: ServiceState | None = getattr(app.state, "service", None)
     if state is not None and state.load_error:
         return 1
@@ -234,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         log.warning(
             "%s is not a setting and is ignored (python -m service.config lists them)", name
         )
-    return serve(create_app(settings), settings)
+    from service.core.supervisor import run_service
+
+    return run_service(settings)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -31,8 +31,9 @@ from service.metrics import ServiceMetrics
 
 log = logging.getLogger("escort.batching")
 
-# Runs one batch: (model, backend, batch [N,3,H,W]) -> probabilities [N, classes].
-InferFn = Callable[[str, str, np.ndarray], np.ndarray]
+# Runs one batch: (model, backend, rows [3,H,W] each) -> probabilities [N, classes]
+# (Engine.infer_rows: rows are handed over as they are, so the engine copies each once).
+InferFn = Callable[[str, str, Sequence[np.ndarray]], np.ndarray]
 
 
 @dataclass(eq=False)
@@ -94,8 +95,8 @@ class BatchQueue:
                 self._run(), name=f"batcher-{self.model}-{self.backend}"
             )
 
-    async def submit(self, batch: np.ndarray, deadline: float) -> np.ndarray:
-        """Queue the rows of `batch`, wait for all of them, and return their results in order.
+    async def submit(self, batch: Sequence[np.ndarray], deadline: float) -> np.ndarray:
+        """Queue the rows of `batch` (an [N, 3, H, W] array or a list of rows), wait for all of them, and return their results in order.
 
         Raises QueueFullError when the rows do not fit, DeadlineExceededError once `deadline`
         (a time.monotonic() value) passes, and the batch's error if the engine fails.
@@ -204,7 +205,9 @@ class BatchQueue:
         rows = [item.row for item in batch]
         start = time.monotonic()
         try:
-            outputs = await loop.run_in_executor(self._worker, self._stack_and_infer, rows)
+            outputs = await loop.run_in_executor(
+                self._worker, self._infer, self.model, self.backend, rows
+            )
             outputs = np.asarray(outputs)
             if outputs.ndim < 1 or outputs.shape[0] != size:
                 got = outputs.shape[0] if outputs.ndim else "no"
@@ -233,10 +236,6 @@ class BatchQueue:
         for item, output in zip(batch, outputs, strict=True):
             if not item.future.done():
                 item.future.set_result(output)
-
-    def _stack_and_infer(self, rows: list[np.ndarray]) -> np.ndarray:
-        # In the worker thread: copying a large batch together would stall the event loop.
-        return self._infer(self.model, self.backend, np.stack(rows))
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until every queued image is computed; False when `timeout_s` ran out first."""

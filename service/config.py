@@ -115,6 +115,25 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM, longest wait for requests in flight to finish."
     )
+    workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="HTTP worker processes beside the engine core process; 0: half the CPU "
+        "cores, at most 8.",
+    )
+    worker_slots: int = Field(
+        128,
+        ge=1,
+        le=65536,
+        description="Images each HTTP worker can have in flight (shared-memory slots, one "
+        "preprocessed image each); beyond it requests get 503.",
+    )
+    engine: Literal["torch", "null"] = Field(
+        "torch",
+        description="torch runs the models; null answers uniform probabilities without "
+        "computing (the HTTP layer's own ceiling).",
+    )
     retry_after_s: int = Field(
         1, ge=0, description="Retry-After seconds sent with 503 answers on overload."
     )
@@ -177,6 +196,12 @@ class Settings(BaseSettings):
     def preprocess_threads(self) -> int:
         """The preprocessing pool size, with 0 resolved to the number of CPU cores."""
         return self.preprocess_workers or min(32, os.cpu_count() or 1)
+
+    @property
+    def worker_processes(self) -> int:
+        if self.workers:
+            return self.workers
+        return max(1, min(8, (os.cpu_count() or 2) // 2))
 
     @property
     def loaded_backends(self) -> tuple[str, ...]:

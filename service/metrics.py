@@ -8,7 +8,8 @@ number of series bounded whatever clients send.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import os
+from collections.abc import Iterable, Mapping
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -18,8 +19,12 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client.multiprocess import MultiProcessCollector
+
+# Set (by the supervisor, before any process imports prometheus_client) when the service runs
+# as several processes: each one writes its samples to files there, and a scrape of any HTTP
+# worker adds them all up. Gauges then say how processes combine (livesum / livemax).
+MULTIPROC_DIR_VAR = "PROMETHEUS_MULTIPROC_DIR"
 
 # Request latency from a millisecond (cached small batch on a GPU) to the longest deadline.
 REQUEST_BUCKETS_S = (
@@ -37,8 +42,6 @@ LAYER_BUCKETS_S = (
 )  # fmt: skip
 REJECT_REASONS = ("queue_full", "deadline", "client_disconnected", "shutting_down", "not_ready")
 
-MemoryProbe = Callable[[], Mapping[str, Mapping[str, float]]]
-
 
 def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
     """Powers of two up to the first one at or above max_batch_size."""
@@ -46,33 +49,6 @@ def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
     while buckets[-1] < max_batch_size:
         buckets.append(buckets[-1] * 2)
     return tuple(buckets)
-
-
-class _DeviceMemoryCollector(Collector):
-    """Reads device memory at scrape time from the engine's optional `memory_stats()` hook,
-    which returns {device: {"allocated": bytes, "reserved": bytes, "total": bytes}}."""
-
-    def __init__(self) -> None:
-        self.probe: MemoryProbe | None = None
-
-    def collect(self) -> Iterable[GaugeMetricFamily]:
-        family = GaugeMetricFamily(
-            "escort_device_memory_bytes",
-            "Device memory held by the engine, by device and kind (allocated, reserved, total).",
-            labels=["device", "kind"],
-        )
-        if self.probe is not None:
-            try:
-                stats = self.probe()
-            except Exception:  # a scrape must never fail because a probe did
-                stats = {}
-            for device, kinds in stats.items():
-                for kind, value in kinds.items():
-                    family.add_metric([str(device), str(kind)], float(value))
-        yield family
-
-    def describe(self) -> Iterable[GaugeMetricFamily]:
-        return []
 
 
 class ServiceMetrics:
@@ -127,6 +103,7 @@ class ServiceMetrics:
             "Images waiting in the batchers of a model.",
             ["model"],
             registry=reg,
+            multiprocess_mode="livesum",
         )
         self.rejected = Counter(
             "escort_rejected",
@@ -146,12 +123,14 @@ class ServiceMetrics:
             "Fraction of zero weights in a layer.",
             ["model", "layer"],
             registry=reg,
+            multiprocess_mode="livemax",
         )
         self.model_ready = Gauge(
             "escort_model_ready",
             "1 when the model is loaded and warmed, else 0.",
             ["model"],
             registry=reg,
+            multiprocess_mode="livemax",
         )
         self.batch_failures = Counter(
             "escort_batch_failures",
@@ -163,12 +142,21 @@ class ServiceMetrics:
             "escort_inflight_requests",
             "Inference requests being handled now.",
             registry=reg,
+            multiprocess_mode="livesum",
         )
-        self._memory = _DeviceMemoryCollector()
-        reg.register(self._memory)
+        self.device_memory = Gauge(
+            "escort_device_memory_bytes",
+            "Device memory of the engine, by device and kind (allocated, reserved, free, total).",
+            ["device", "kind"],
+            registry=reg,
+            multiprocess_mode="livemax",
+        )
 
-    def set_memory_probe(self, probe: MemoryProbe | None) -> None:
-        self._memory.probe = probe
+    def record_memory(self, stats: Mapping[str, Mapping[str, float]]) -> None:
+        """The engine's `memory_stats()`, refreshed by whoever runs the engine."""
+        for device, kinds in stats.items():
+            for kind, value in kinds.items():
+                self.device_memory.labels(str(device), str(kind)).set(float(value))
 
     def observe_layer(self, model: str, backend: str, layer: str, op: str, seconds: float) -> None:
         """The engine's layer observer: one sampled layer timing."""
@@ -190,5 +178,11 @@ class ServiceMetrics:
             self.layer_sparsity.labels(model, layer).set(float(fraction))
 
     def render(self) -> tuple[bytes, str]:
-        """The text exposition and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The text exposition and its content type: this process's metrics, or every
+        process's added up when the service runs as several."""
+        folder = os.environ.get(MULTIPROC_DIR_VAR)
+        if not folder:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=folder)
+        return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -1,7 +1,8 @@
-"""What the routes share while the app runs: the engine's models, their batchers, readiness.
+"""What the routes share while the app runs: the models, the dispatcher, readiness.
 
-The routes stay thin: they parse a request and call `ServiceState.classify_images` or
-`classify_tensor`, which check readiness, pick the backend, preprocess and queue.
+This is the transport-free dataplane: the routes parse a request and make one call,
+`ServiceState.classify_images` or `classify_tensor`, which checks readiness, preprocesses
+and submits to the Dispatcher (the engine here, or in the engine core process).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from service.batching import BatchQueue
 from service.config import Settings
-from service.engine.protocol import Engine, ModelDescription
+from service.dispatch import BatchTotals, Dispatcher
+from service.engine.protocol import ModelDescription
 from service.errors import (
     BadInputError,
     ModelNotFoundError,
@@ -39,7 +40,7 @@ class _Outcomes:
 
 
 class ServiceState:
-    """Readiness, models and batchers of one app; created in the lifespan, kept on app.state."""
+    """Readiness, models and dispatcher of one app; created in the lifespan, on app.state."""
 
     def __init__(
         self,
@@ -52,9 +53,8 @@ class ServiceState:
         self.metrics = metrics
         self.preprocessor = preprocessor
         self.expected_models = expected_models
-        self.engine: Engine | None = None
+        self.dispatcher: Dispatcher | None = None
         self.models: dict[str, ModelDescription] = {}
-        self.batchers: dict[tuple[str, str], BatchQueue] = {}
         self.ready = False
         self.draining = False
         self.load_error: str | None = None
@@ -147,12 +147,12 @@ class ServiceState:
             "the server is shutting down; retry on another replica", self.settings.retry_after_s
         )
 
-    def _batcher(self, model: ModelDescription, backend: str) -> BatchQueue:
+    def _dispatcher(self, model: ModelDescription) -> Dispatcher:
         # Draining is checked at admission (middleware): requests admitted before it finish.
-        if not self.ready:
+        if not self.ready or self.dispatcher is None:
             self._count_refusal(model.name, "not_ready")
             raise NotReadyError(self.not_ready_reason() or "not ready", self.settings.retry_after_s)
-        return self.batchers[(model.name, backend)]
+        return self.dispatcher
 
     def _check_count(self, count: int) -> None:
         if count < 1:
@@ -171,19 +171,19 @@ class ServiceState:
     ) -> np.ndarray:
         """Encoded images -> probabilities [N, classes]."""
         self._check_count(len(images))
-        batcher = self._batcher(model, backend)
+        dispatcher = self._dispatcher(model)
         async with self._outcome(model.name):
             batch = await self.preprocessor.images_to_batch(model.name, images, model.preprocessing)
-            return await batcher.submit(batch, deadline)
+            return await dispatcher.submit(model.name, backend, batch, deadline)
 
     async def classify_tensor(
         self, model: ModelDescription, backend: str, tensor: np.ndarray, deadline: float
     ) -> np.ndarray:
         """A preprocessed float [N, 3, H, W] tensor -> probabilities [N, classes]."""
         self._check_count(int(tensor.shape[0]))
-        batcher = self._batcher(model, backend)
+        dispatcher = self._dispatcher(model)
         async with self._outcome(model.name):
-            return await batcher.submit(tensor, deadline)
+            return await dispatcher.submit(model.name, backend, tensor, deadline)
 
     @asynccontextmanager
     async def _outcome(self, model: str) -> AsyncIterator[None]:
@@ -199,11 +199,12 @@ class ServiceState:
         outcomes.success_ns += time.monotonic_ns() - start
         outcomes.last_inference_ms = int(time.time() * 1000)
 
-    def statistics(self, model: str, version: str) -> dict[str, Any]:
-        """The model's counters in the shape of Triton's statistics extension."""
+    async def statistics(self, model: str, version: str) -> dict[str, Any]:
+        """The model's counters in the shape of Triton's statistics extension. The request
+        outcomes are this process's; the batch totals are the engine's."""
         outcomes = self._outcomes.get(model, _Outcomes())
-        batchers = [b for (name, _), b in self.batchers.items() if name == model]
-        images = sum(b.images_run for b in batchers)
+        totals = await self.dispatcher.totals(model) if self.dispatcher else BatchTotals()
+        images = totals.images
 
         def pair(count: int, ns: int) -> dict[str, int]:
             return {"count": count, "ns": ns}
@@ -213,13 +214,13 @@ class ServiceState:
             "version": version,
             "last_inference": outcomes.last_inference_ms,
             "inference_count": images,
-            "execution_count": sum(b.batches_run for b in batchers),
+            "execution_count": totals.batches,
             "inference_stats": {
                 "success": pair(outcomes.success_count, outcomes.success_ns),
                 "fail": pair(outcomes.fail_count, outcomes.fail_ns),
-                "queue": pair(images, sum(b.queue_ns for b in batchers)),
+                "queue": pair(images, totals.queue_ns),
                 "compute_input": pair(images, 0),
-                "compute_infer": pair(images, sum(b.compute_ns for b in batchers)),
+                "compute_infer": pair(images, totals.compute_ns),
                 "compute_output": pair(images, 0),
                 "cache_hit": pair(0, 0),
                 "cache_miss": pair(0, 0),

@@ -119,7 +119,7 @@ async def server_metadata() -> dict[str, Any]:
 @router.get("/models/stats")
 async def get_all_stats(request: Request) -> dict[str, Any]:
     state = get_state(request)
-    return {"model_stats": [state.statistics(name, MODEL_VERSION) for name in state.models]}
+    return {"model_stats": [await state.statistics(name, MODEL_VERSION) for name in state.models]}
 
 
 @router.get("/models/{model}")
@@ -158,7 +158,7 @@ async def get_model_stats(request: Request, model: str, version: str | None = No
     _check_version(model, version)
     state = get_state(request)
     state.describe(model)
-    return {"model_stats": [state.statistics(model, MODEL_VERSION)]}
+    return {"model_stats": [await state.statistics(model, MODEL_VERSION)]}
 
 
 @router.post("/models/{model}/infer", dependencies=[Depends(require_api_key)])

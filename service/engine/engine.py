@@ -291,6 +291,39 @@ class TorchEngine(Engine):
     def infer(self, model: str, backend: str, batch: np.ndarray) -> np.ndarray:
         return self.runner(model, backend).infer(batch)
 
+    def infer_rows(self, model: str, backend: str, rows: Sequence[np.ndarray]) -> np.ndarray:
+        return self.runner(model, backend).infer_rows(rows)
+
+    def pin_host_memory(self, address: int, size: int) -> bool:
+        if self.device.type != "cuda":
+            return False
+        # cudaHostRegister: the rows' own pages become DMA-able, so each row goes to the
+        # device in one async copy with no pinned staging copy in between.
+        with torch.cuda.device(self.device):
+            err = torch.cuda.cudart().cudaHostRegister(address, size, 0)
+        if int(err) != 0:
+            log.warning("cudaHostRegister of %d bytes failed (%s): rows are staged", size, err)
+            return False
+        return True
+
+    def unpin_host_memory(self, address: int) -> None:
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                torch.cuda.cudart().cudaHostUnregister(address)
+
+    def memory_stats(self) -> dict[str, dict[str, float]]:
+        if self.device.type != "cuda":
+            return {}
+        free, total = torch.cuda.mem_get_info(self.device)
+        return {
+            str(self.device): {
+                "allocated": float(torch.cuda.memory_allocated(self.device)),
+                "reserved": float(torch.cuda.memory_reserved(self.device)),
+                "total": float(total),
+                "free": float(free),
+            }
+        }
+
     def close(self) -> None:
         for runners in self._runners.values():
             for runner in runners.values():

@@ -8,7 +8,7 @@ it, tests can hand the service a fake engine, and the real engine could move to 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,23 @@ class Engine(ABC):
     def infer(self, model: str, backend: str, batch: np.ndarray) -> np.ndarray:
         """batch: float32 or float16 [N, 3, H, W] with N <= max_batch_size.
         Returns float32 probabilities [N, num_classes]."""
+
+    def infer_rows(self, model: str, backend: str, rows: Sequence[np.ndarray]) -> np.ndarray:
+        """`infer` on rows [3, H, W] that are not one array (views into shared memory, say).
+        Engines that copy rows to a device themselves override this to skip the stacking."""
+        return self.infer(model, backend, np.stack(rows))
+
+    def pin_host_memory(self, address: int, size: int) -> bool:
+        """Page-lock host memory that rows will live in (a shared-memory arena), so that
+        copies from it to the device need no staging. False where it means nothing."""
+        return False
+
+    def unpin_host_memory(self, address: int) -> None:  # noqa: B027 - optional hook
+        """Undo `pin_host_memory` before the memory goes away."""
+
+    def memory_stats(self) -> Mapping[str, Mapping[str, float]]:
+        """{device: {"allocated": bytes, "reserved": bytes, "total": bytes}}; empty on CPU."""
+        return {}
 
     def warmup(self, model: str, backend: str) -> None:  # noqa: B027 - optional hook
         """Build whatever a first batch would otherwise pay for. Engines that warm while they

@@ -25,7 +25,7 @@ def make_queue(engine: FakeEngine, **overrides) -> tuple[BatchQueue, ServiceMetr
     metrics = ServiceMetrics(max_batch_size=overrides.get("max_batch_size", 8))
     options = {"max_batch_size": 8, "max_batch_delay_ms": 20.0, "max_queue_size": 64}
     options.update(overrides)
-    queue = BatchQueue(FAKE_MODEL, "sparse", engine.infer, metrics, **options)
+    queue = BatchQueue(FAKE_MODEL, "sparse", engine.infer_rows, metrics, **options)
     return queue, metrics
 
 

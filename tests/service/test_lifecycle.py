@@ -13,7 +13,6 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-import service.app
 from service.app import create_app
 from tests.service.fakes import FAKE_MODEL, FakeEngine, marked_tensor
 from tests.service.servers import ProcessServer, ThreadServer, make_settings, wait_ready
@@ -61,12 +60,11 @@ def test_not_ready_until_warmed() -> None:
         assert client.post(V2, json=tensor_body(marked_tensor(0.1))).status_code == 200
 
 
-def test_a_failed_load_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_load_is_reported() -> None:
     def broken_loader(settings, metrics):
         raise FileNotFoundError("models/missing-net.yaml")
 
-    monkeypatch.setattr(service.app, "_load_engine", broken_loader)
-    app = create_app(make_settings(models=("missing-net",)))
+    app = create_app(make_settings(models=("missing-net",)), engine_factory=broken_loader)
     with TestClient(app, raise_server_exceptions=False) as client:
         for _ in range(100):
             ready = client.get("/v2/health/ready")

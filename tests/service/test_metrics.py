@@ -98,17 +98,14 @@ def test_batch_size_buckets_are_powers_of_two() -> None:
     assert batch_size_buckets(48) == (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
 
-def test_device_memory_from_the_engine_hook() -> None:
+def test_device_memory_from_the_engine() -> None:
     metrics = ServiceMetrics()
-    metrics.set_memory_probe(lambda: {"cuda:0": {"allocated": 1024.0, "total": 4096.0}})
+    metrics.record_memory({"cuda:0": {"allocated": 1024.0, "total": 4096.0}})
     text = metrics.render()[0].decode()
     assert 'escort_device_memory_bytes{device="cuda:0",kind="allocated"} 1024.0' in text
-
-    def broken() -> dict:
-        raise RuntimeError("driver gone")
-
-    metrics.set_memory_probe(broken)
-    assert b"escort_device_memory_bytes" in metrics.render()[0]  # the scrape still works
+    metrics.record_memory({"cuda:0": {"allocated": 2048.0}})
+    text = metrics.render()[0].decode()
+    assert 'escort_device_memory_bytes{device="cuda:0",kind="allocated"} 2048.0' in text
 
 
 def test_apps_have_separate_registries() -> None:

@@ -1,0 +1,220 @@
+"""The engine core process: it owns the engine (the GPU, the CUDA graphs) and the batchers.
+
+Its event loop does nothing but move small messages: each HTTP worker's pipe is read with
+`add_reader`, an "infer" becomes `LocalDispatcher.submit` on rows viewed in place in the
+worker's arena, and the answer goes back as "done" once the outputs are written into the same
+slots. The batches themselves run in the batchers' engine threads, so this process's GIL is
+shared by one busy thread (the engine's) and a loop that is idle most of the time, unlike a
+single process whose loop also parses megabytes of HTTP bodies.
+
+It ignores SIGINT and SIGTERM: the supervisor stops it ("stop") once every worker drained,
+and it stops by itself when the supervisor's pipe closes (the supervisor died).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from service.config import Settings
+from service.core.arena import SlotArena
+from service.core.messages import error_message
+from service.dispatch import EngineFactory, LocalDispatcher, default_engine_factory
+from service.engine.protocol import ModelDescription
+from service.errors import ClientDisconnectedError, EngineFailureError
+from service.metrics import ServiceMetrics
+
+log = logging.getLogger("escort.engine_process")
+
+# Lets the engine thread take the GIL back within 0.5 ms of a loop callback, instead of the
+# default 5 ms that a busy loop would make it wait at each switch.
+SWITCH_INTERVAL_S = 0.0005
+
+
+class _WorkerLink:
+    """One HTTP worker as the engine process sees it: its pipe, its arena, its requests."""
+
+    def __init__(
+        self,
+        index: int,
+        conn: Connection,
+        dispatcher: LocalDispatcher,
+        models: dict[str, ModelDescription],
+    ) -> None:
+        self.index = index
+        self.conn = conn
+        self.dispatcher = dispatcher
+        self.models = models
+        self.arena: SlotArena | None = None
+        self.pinned = False
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.closed = False
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        if self.closed:
+            return
+        try:
+            self.conn.send(message)
+        except (OSError, EOFError):
+            self.close()
+
+    def on_readable(self) -> None:
+        try:
+            while not self.closed and self.conn.poll():
+                self.handle(self.conn.recv())
+        except (EOFError, OSError):
+            self.close()
+
+    def handle(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "infer":
+            _, request_id, model, backend, slots, dtype, deadline = message
+            task = asyncio.get_running_loop().create_task(
+                self._infer(request_id, model, backend, slots, dtype, deadline)
+            )
+            self.tasks[request_id] = task
+        elif kind == "cancel":
+            task = self.tasks.get(message[1])
+            if task is not None:
+                task.cancel()
+        elif kind == "totals":
+            _, request_id, model = message
+            asyncio.get_running_loop().create_task(self._totals(request_id, model))
+        elif kind == "hello":
+            _, name, slots, in_bytes, out_bytes = message
+            self.arena = SlotArena.attach(name, slots, in_bytes, out_bytes)
+            engine = self.dispatcher.engine
+            self.pinned = engine is not None and engine.pin_host_memory(
+                self.arena.address, self.arena.size
+            )
+            log.info(
+                "worker %d: arena of %d slots (%d MiB), %s",
+                self.index,
+                slots,
+                self.arena.size >> 20,
+                "page-locked" if self.pinned else "staged",
+            )
+        else:
+            log.warning("worker %d sent an unknown message %r", self.index, kind)
+
+    async def _infer(
+        self,
+        request_id: int,
+        model: str,
+        backend: str,
+        slots: list[int],
+        dtype: str,
+        deadline: float,
+    ) -> None:
+        try:
+            desc = self.models[model]
+            if self.arena is None:
+                raise EngineFailureError("the worker sent rows before its arena")
+            rows = [self.arena.row(slot, dtype, desc.input_shape) for slot in slots]
+            outputs = await self.dispatcher.submit(model, backend, rows, deadline)
+            del rows  # views into the arena: none may outlive the answer
+            outputs = np.asarray(outputs, dtype=np.float32)
+            classes = int(outputs.shape[1])
+            for slot, row in zip(slots, outputs, strict=True):
+                self.arena.output(slot, classes)[:] = row
+            self.send(("done", request_id, classes))
+        except asyncio.CancelledError:
+            # The worker's client went away; the batcher dropped the rows. Answer anyway:
+            # the worker frees the slots only on an answer.
+            error = ClientDisconnectedError("the client disconnected before the answer")
+            self.send(error_message(request_id, error))
+        except Exception as exc:
+            self.send(error_message(request_id, exc))
+        finally:
+            self.tasks.pop(request_id, None)
+
+    async def _totals(self, request_id: int, model: str) -> None:
+        self.send(("totals", request_id, await self.dispatcher.totals(model)))
+
+    def close(self) -> None:
+        """The worker is gone: drop its queued rows, then let its arena go."""
+        if self.closed:
+            return
+        self.closed = True
+        asyncio.get_running_loop().remove_reader(self.conn.fileno())
+        for task in list(self.tasks.values()):
+            task.cancel()
+        asyncio.get_running_loop().create_task(self.release_arena())
+
+    async def release_arena(self) -> None:
+        if self.tasks:
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        if self.arena is not None:
+            if self.pinned and self.dispatcher.engine is not None:
+                self.dispatcher.engine.unpin_host_memory(self.arena.address)
+            self.arena.close()
+            self.arena = None
+
+
+async def serve_engine(
+    settings: Settings,
+    control: Connection,
+    conns: list[Connection],
+    engine_factory: EngineFactory = default_engine_factory,
+) -> int:
+    """Load the engine, tell every worker, then serve them until told to stop."""
+    loop = asyncio.get_running_loop()
+    metrics = ServiceMetrics(settings.max_batch_size)
+    dispatcher = LocalDispatcher(settings, metrics, engine_factory=engine_factory)
+    stop = asyncio.Event()
+
+    def on_control() -> None:
+        try:
+            message = control.recv()
+        except (EOFError, OSError):
+            message = ("stop",)  # the supervisor died: nobody is left to stop us
+        if message[0] == "stop":
+            loop.remove_reader(control.fileno())
+            stop.set()
+
+    loop.add_reader(control.fileno(), on_control)
+    try:
+        models = await dispatcher.start()
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        log.error("could not load the models: %s", reason)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.send(("failed", reason))
+        await dispatcher.close()
+        return 1
+    links = [_WorkerLink(i, conn, dispatcher, models) for i, conn in enumerate(conns)]
+    for link in links:
+        link.send(("ready", models))
+        loop.add_reader(link.conn.fileno(), link.on_readable)
+    await stop.wait()
+    await dispatcher.close()  # fails what is queued; the batchers let go of their rows
+    for link in links:
+        link.close()
+        await link.release_arena()
+    log.info("engine process stopped")
+    return 0
+
+
+def main(
+    settings: Settings,
+    control: Connection,
+    conns: list[Connection],
+    engine_factory: EngineFactory = default_engine_factory,
+) -> None:
+    """The engine process's entry point (spawned by the supervisor)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s",
+    )
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    sys.exit(asyncio.run(serve_engine(settings, control, conns, engine_factory)))

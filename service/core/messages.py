@@ -1,0 +1,53 @@
+"""The messages between an HTTP worker and the engine core process.
+
+Each is a small tuple whose first item names it; rows and outputs never travel in them (they
+stay in the worker's SlotArena). Small messages are written to a pipe in one atomic write.
+
+worker -> engine: ("hello", arena_name, slots, in_bytes, out_bytes)
+                  ("infer", request_id, model, backend, slots, dtype, deadline)
+                  ("cancel", request_id)
+                  ("totals", request_id, model)
+engine -> worker: ("ready", {model: ModelDescription}) or ("failed", reason)
+                  ("done", request_id, classes)          outputs are in the slots
+                  ("error", request_id, kind, message, retry_after_s)
+                  ("totals", request_id, BatchTotals)
+supervisor -> engine: ("stop",)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service import errors
+
+# The errors an engine-side failure can come back as; anything else is an EngineFailureError.
+_KINDS: dict[str, type[errors.ServiceError]] = {
+    cls.__name__: cls
+    for cls in (
+        errors.BadInputError,
+        errors.BadTensorError,
+        errors.UnknownBackendError,
+        errors.ModelNotFoundError,
+        errors.QueueFullError,
+        errors.ShuttingDownError,
+        errors.NotReadyError,
+        errors.UnavailableError,
+        errors.DeadlineExceededError,
+        errors.ClientDisconnectedError,
+        errors.EngineFailureError,
+    )
+}
+
+
+def error_message(request_id: int, exc: BaseException) -> tuple[Any, ...]:
+    if isinstance(exc, errors.ServiceError) and type(exc).__name__ in _KINDS:
+        retry = int(exc.headers.get("Retry-After", "0") or 0)
+        return ("error", request_id, type(exc).__name__, exc.message, retry)
+    return ("error", request_id, "EngineFailureError", f"{type(exc).__name__}: {exc}", 0)
+
+
+def rebuild_error(kind: str, message: str, retry_after_s: int) -> errors.ServiceError:
+    cls = _KINDS.get(kind, errors.EngineFailureError)
+    if issubclass(cls, errors.UnavailableError):
+        return cls(message, retry_after_s)
+    return cls(message)

@@ -1,0 +1,127 @@
+"""The real process layout (supervisor, engine core process, several HTTP workers) with the
+fake engine in the engine process, over real HTTP."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.service.fakes import FAKE_MODEL, FakeEngine, marked_tensor
+from tests.service.servers import ProcessServer
+from tests.v2_bodies import tensor_body
+
+V2 = f"/v2/models/{FAKE_MODEL}/infer"
+WORKERS = 3
+
+
+def total(text: str, name: str, **labels: str) -> float:
+    found = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                found += sample.value
+    return found
+
+
+@pytest.fixture(scope="module")
+def server():
+    env = {
+        "ESCORT_MODELS": FAKE_MODEL,
+        "ESCORT_BACKENDS": "sparse,dense",
+        "ESCORT_WORKERS": str(WORKERS),
+        "ESCORT_WORKER_SLOTS": "8",
+        "ESCORT_MAX_BATCH_DELAY_MS": "10",
+    }
+    with ProcessServer("tests.service.fake_server", env) as running:
+        yield running
+
+
+def probabilities(response) -> np.ndarray:
+    body = response.json()
+    output = body["outputs"][0]
+    return np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
+
+
+def test_every_answer_is_its_own_request_s_across_workers(server: ProcessServer) -> None:
+    reference = FakeEngine()
+    marks = [i / 50 for i in range(60)]
+    with server.client() as http, ThreadPoolExecutor(12) as pool:
+        responses = list(
+            pool.map(lambda m: http.post(V2, json=tensor_body(marked_tensor(m))), marks)
+        )
+    assert [r.status_code for r in responses] == [200] * len(marks)
+    for mark, response in zip(marks, responses, strict=True):
+        expected = reference.reference(marked_tensor(mark))
+        np.testing.assert_allclose(probabilities(response), expected, rtol=1e-6)
+
+
+def test_metrics_add_up_over_every_process(server: ProcessServer) -> None:
+    with server.client() as http:
+        before = total(http.get("/metrics").text, "escort_requests_total", code="200")
+        for i in range(10):
+            assert http.post(V2, json=tensor_body(marked_tensor(i / 10, rows=2))).status_code == 200
+    # New connections land on any worker: each scrape must see every worker's requests.
+    scrapes = []
+    for _ in range(2 * WORKERS):
+        with server.client() as http:
+            scrapes.append(http.get("/metrics").text)
+    for text in scrapes:
+        assert total(text, "escort_requests_total", code="200") == before + 10
+        # Engine-side series (the engine process) appear beside the workers' ones.
+        assert total(text, "escort_batch_size_sum") >= 20
+        assert total(text, "escort_model_ready", model=FAKE_MODEL) == 1
+        assert total(text, "escort_layer_sparsity", layer="conv2") == pytest.approx(0.9)
+    promtool = shutil.which("promtool")
+    if promtool is not None:
+        result = subprocess.run(
+            [promtool, "check", "metrics"], input=scrapes[0].encode(), capture_output=True
+        )
+        assert result.returncode == 0 and not result.stdout.strip(), result.stdout.decode()
+
+
+def test_a_request_larger_than_a_worker_s_slots_gets_503(server: ProcessServer) -> None:
+    with server.client() as http:
+        response = http.post(V2, json=tensor_body(marked_tensor(0.5, rows=9)))
+        assert response.status_code == 503
+        assert response.headers["Retry-After"] == "1"
+        assert "ESCORT_WORKER_SLOTS" in response.json()["error"]
+        # The refusal took nothing: the next request still has all its slots.
+        ok = http.post(V2, json=tensor_body(marked_tensor(0.5, rows=8)))
+        assert ok.status_code == 200 and probabilities(ok).shape == (8, 10)
+
+
+def test_statistics_come_from_the_engine_process(server: ProcessServer) -> None:
+    with server.client() as http:
+        assert http.post(V2, json=tensor_body(marked_tensor(0.3))).status_code == 200
+        stats = http.get(f"/v2/models/{FAKE_MODEL}/stats").json()["model_stats"][0]
+    assert stats["inference_count"] >= 1 and stats["execution_count"] >= 1
+    assert stats["inference_stats"]["compute_infer"]["ns"] > 0
+
+
+def test_sigterm_drains_every_worker() -> None:
+    env = {
+        "ESCORT_MODELS": FAKE_MODEL,
+        "ESCORT_BACKENDS": "sparse",
+        "ESCORT_WORKERS": str(WORKERS),
+        "ESCORT_MAX_BATCH_SIZE": "2",
+        "FAKE_DELAY_S": "0.3",
+    }
+    with ProcessServer("tests.service.fake_server", env) as server:
+        with ThreadPoolExecutor(9) as pool:
+
+            def one(i: int):
+                with server.client() as http:  # a connection each: spread over workers
+                    return http.post(V2, json=tensor_body(marked_tensor(i / 10)))
+
+            futures = [pool.submit(one, i) for i in range(9)]
+            time.sleep(0.5)
+            server.terminate()
+            codes = [f.result(timeout=60).status_code for f in futures]
+        assert codes == [200] * 9
+        assert server.wait(60) == 0, server.output()

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 PROTOCOLS = ("v1", "v2")
 V2_INPUTS = ("image", "tensor")
+DRIVERS = ("locust", "wrk")
 
 
 class LoadtestConfigError(ValueError):
@@ -64,6 +65,20 @@ class LoadtestConfig:
     seed: int = 0
     # Layers shown in the per-layer plot (the slowest ones).
     plot_layers: int = 24
+    # Load generator: `locust` (Python users, checks every answer) or `wrk` (C; one prebuilt
+    # body per protocol and backend, for rates a Python generator cannot reach).
+    driver: str = "locust"
+    # Path of the wrk binary; empty: `wrk` on PATH, then an unpacked .deb layout.
+    wrk: str = ""
+    # Most wrk threads of a step (each step uses min(users, this)): LOADTEST_PROCESSES when
+    # set, else the CPU count.
+    wrk_threads: int = 1
+    # URL of a server running ESCORT_ENGINE=null: its rate is the HTTP layer's ceiling.
+    ceiling_url: str = ""
+    # Start loadtest.sink and measure the load generator's own ceiling against it.
+    sink: bool = False
+    # JSON file of offline per-layer timings to compare with the live per-layer metrics.
+    layer_bench: str = ""
 
     @property
     def scrape_urls(self) -> tuple[str, ...]:
@@ -163,6 +178,10 @@ def load_config(env: Mapping[str, str] | None = None) -> LoadtestConfig:
         ) from None
     if any(side < 8 for side in sides):
         raise LoadtestConfigError(f"LOADTEST_IMAGE_SIDES={sides}: each side needs 8 pixels or more")
+    driver = env.get("LOADTEST_DRIVER", "").strip().lower() or default.driver
+    if driver not in DRIVERS:
+        raise LoadtestConfigError(f"LOADTEST_DRIVER={driver!r}: use locust or wrk")
+    ceiling = env.get("LOADTEST_CEILING_URL", "").strip()
     return LoadtestConfig(
         urls=urls,
         duration_s=_number(env, "LOADTEST_DURATION_S", float, default.duration_s, 1.0),
@@ -185,4 +204,10 @@ def load_config(env: Mapping[str, str] | None = None) -> LoadtestConfig:
         api_key=env.get("LOADTEST_API_KEY", "").strip(),
         seed=int(_number(env, "LOADTEST_SEED", int, 0, 0)),
         plot_layers=int(_number(env, "LOADTEST_PLOT_LAYERS", int, default.plot_layers, 1)),
+        driver=driver,
+        wrk=env.get("LOADTEST_WRK", "").strip(),
+        wrk_threads=int(_number(env, "LOADTEST_PROCESSES", int, os.cpu_count() or 1, 1)),
+        ceiling_url=check_loopback(ceiling, "LOADTEST_CEILING_URL") if ceiling else "",
+        sink=_flag(env, "LOADTEST_SINK"),
+        layer_bench=env.get("LOADTEST_LAYER_BENCH", "").strip(),
     )

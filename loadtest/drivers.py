@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import astuple
+from dataclasses import astuple, replace
 from typing import Any
 
 import gevent
@@ -65,6 +65,10 @@ class LocalDriver:
 
     def prepare(self, budget: int, fixed_backend: str | None) -> None:
         self.plan.step, self.plan.budget, self.plan.fixed_backend = -1, budget, fixed_backend
+
+    def retarget(self, urls: tuple[str, ...]) -> None:
+        """Send to other servers (the ceilings' sink or null engine) until retargeted back."""
+        self.plan.config = replace(self.plan.config, urls=urls)
 
     def spawn(self, users: int, timeout_s: float) -> None:
         self.runner.start(users, spawn_rate=spawn_rate(users))
@@ -138,6 +142,10 @@ class DistributedDriver:
         share = math.ceil(budget / self.processes)
         self._send(PLAN_MESSAGE, step=-1, budget=share, fixed_backend=fixed_backend)
 
+    def retarget(self, urls: tuple[str, ...]) -> None:
+        self.plan.config = replace(self.plan.config, urls=urls)
+        self._send(PLAN_MESSAGE, step=-1, urls=list(urls))
+
     def spawn(self, users: int, timeout_s: float) -> None:
         self.runner.start(users, spawn_rate=spawn_rate(users, self.processes))
         deadline = time.monotonic() + timeout_s
@@ -185,6 +193,8 @@ def worker_handlers(runner: Any, plan: locustfile.LoadPlan) -> None:
             plan.budget = data["budget"]
         if "fixed_backend" in data:
             plan.fixed_backend = data["fixed_backend"]
+        if "urls" in data:
+            plan.config = replace(plan.config, urls=tuple(data["urls"]))
         plan.step = data["step"]
 
     def on_close(environment: Any, msg: Any, **kwargs: Any) -> None:

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import json
 import random
-import struct
 import time
 import urllib.request
-import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import gevent
 from locust import FastHttpUser, constant, events, task
 
+from loadtest.bodies import multipart_body, v2_binary_body, v2_tensor_body
 from loadtest.config import LoadtestConfig, check_loopback, load_config
 from loadtest.images import LoadImage, make_variants, preprocessed_tensor
 
@@ -127,60 +126,6 @@ def build_plan(config: LoadtestConfig) -> LoadPlan:
             raise RuntimeError(f"/v1/models gives no preprocessing for {model}; use images")
         tensors = [preprocessed_tensor(image, card["preprocessing"]) for image in images]
     return LoadPlan(config, model, backends, images, card=card, tensors=tensors)
-
-
-def multipart_body(images: list[LoadImage]) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    parts = []
-    for image in images:
-        head = (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
-            f'filename="{image.name}"\r\nContent-Type: {image.content_type}\r\n\r\n'
-        )
-        parts.append(head.encode() + image.data + b"\r\n")
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
-
-
-def v2_binary_body(images: list[LoadImage], backend: str | None) -> tuple[bytes, int]:
-    """A V2 request with the images as one BYTES tensor in the binary extension; returns the
-    body and the length of its JSON header."""
-    raw = b"".join(struct.pack("<I", len(image.data)) + image.data for image in images)
-    header: dict[str, Any] = {
-        "inputs": [
-            {
-                "name": "image",
-                "shape": [len(images)],
-                "datatype": "BYTES",
-                "parameters": {"binary_data_size": len(raw)},
-            }
-        ],
-        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
-    }
-    if backend:
-        header["parameters"] = {"backend": backend}
-    head = json.dumps(header, separators=(",", ":")).encode()
-    return head + raw, len(head)
-
-
-def v2_tensor_body(tensors: list[bytes], crop: int, backend: str | None) -> tuple[bytes, int]:
-    """A V2 request with preprocessed images as one FP32 `input` tensor [N, 3, crop, crop]."""
-    raw = b"".join(tensors)
-    header: dict[str, Any] = {
-        "inputs": [
-            {
-                "name": "input",
-                "shape": [len(tensors), 3, crop, crop],
-                "datatype": "FP32",
-                "parameters": {"binary_data_size": len(raw)},
-            }
-        ],
-        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
-    }
-    if backend:
-        header["parameters"] = {"backend": backend}
-    head = json.dumps(header, separators=(",", ":")).encode()
-    return head + raw, len(head)
 
 
 @events.request.add_listener

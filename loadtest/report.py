@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from loadtest.ceilings import ceilings_markdown
+from loadtest.layerbench import layer_bench_markdown
 from loadtest.promtext import Scrape, bucket_counts, counter_by, histogram_by, histogram_quantile
 
 SCHEMA_VERSION = 1
@@ -257,6 +259,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         )
     out += ["", "## Backends side by side", "", side_by_side_markdown(report)]
     out += _layers_markdown(report)
+    # Sections of the wrk-era additions, present only when measured (issue 10).
+    out += ceilings_markdown(report) + layer_bench_markdown(report)
     if report["plots"]:
         out += ["## Plots", ""] + [f"![{name}]({name})" for name in report["plots"]] + [""]
     return "\n".join(out)

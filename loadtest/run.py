@@ -3,8 +3,11 @@
 It waits for the server to be ready, then ramps concurrency over the LOADTEST_USERS steps. Each
 step spawns its users, lets them settle, scrapes /metrics, measures for the rest of its share of
 LOADTEST_DURATION_S (or until its share of LOADTEST_MAX_REQUESTS is spent), and scrapes again.
-In compare mode (LOADTEST_COMPARE=1) the whole ramp runs once per backend. The report (JSON,
-markdown, PNG plots) goes to LOADTEST_OUT. Only loopback targets are accepted.
+In compare mode (LOADTEST_COMPARE=1) the whole ramp runs once per backend. LOADTEST_DRIVER picks
+the load generator: Locust users (default) or wrk (loadtest/wrksteps.py). Before the ramp, the
+ceilings are measured with the same driver: against loadtest.sink (LOADTEST_SINK=1) and a null
+engine server (LOADTEST_CEILING_URL). The report (JSON, markdown, PNG plots) goes to LOADTEST_OUT.
+Only loopback targets are accepted.
 
 Exit status: 0 when requests were answered, 1 when none was (or the load generator failed), 2
 for bad settings (including a model or backend the server does not have), 3 when the server
@@ -24,12 +27,25 @@ from typing import Any
 import gevent
 
 from loadtest import locustfile
+from loadtest.ceilings import Sink, ceiling_entry, ceilings_section
+from loadtest.ceilings import wait_ready as wait_ceiling
 from loadtest.config import LoadtestConfig, LoadtestConfigError, load_config
 from loadtest.drivers import DistributedDriver, LocalDriver
+from loadtest.layerbench import compare as compare_layers
+from loadtest.layerbench import live_layers, load_records
 from loadtest.promtext import Scrape, delta_all, scrape_all
-from loadtest.report import build_report, side_by_side_markdown, step_summary, write_report
+from loadtest.report import (
+    build_report,
+    side_by_side_markdown,
+    step_summary,
+    traffic_stats,
+    write_report,
+)
+from loadtest.wrk import WrkMissing, find_wrk
+from loadtest.wrksteps import WrkDriver, wrk_step_summary, wrk_traffic
 
 POLL_S = 0.05
+CEILING_STEP = 1_000_000  # the step number a ceiling's samples are recorded under
 Driver = LocalDriver | DistributedDriver
 
 
@@ -83,6 +99,69 @@ def run_step(
     return window_s, samples, before, after
 
 
+def locust_rate(
+    driver: Driver, config: LoadtestConfig, url: str, users: int, step_s: float, settle_s: float
+) -> dict[str, Any]:
+    """One unbudgeted Locust step against `url` (a ceiling), then back to the real targets."""
+    driver.retarget((url,))
+    driver.prepare(10**9, None)
+    try:
+        driver.spawn(users, timeout_s=max(1.0, step_s))
+        gevent.sleep(settle_s)
+        driver.open(CEILING_STEP)
+        window_start = time.monotonic()
+        gevent.sleep(max(1.0, step_s - settle_s))
+        window_s = time.monotonic() - window_start
+        samples = driver.close(CEILING_STEP)
+    finally:
+        driver.retarget(config.urls)
+    return {**traffic_stats(samples, window_s), "window_s": window_s}
+
+
+def wrk_rate(
+    driver: WrkDriver, url: str, users: int, step_s: float, settle_s: float, phase: str | None
+) -> dict[str, Any]:
+    specs = driver.specs(phase)
+    if settle_s >= 0.5:
+        driver.measure((url,), specs, users, settle_s)
+    result = driver.measure((url,), specs, users, max(1.0, step_s - settle_s))
+    return {**wrk_traffic(result, specs[0].images), "window_s": result["duration_s"]}
+
+
+def measure_ceilings(
+    driver: Driver | WrkDriver,
+    config: LoadtestConfig,
+    phase: str | None,
+    step_s: float,
+    settle_s: float,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The load generator's rate against the sink (LOADTEST_SINK) and the HTTP layer's against
+    the null engine (LOADTEST_CEILING_URL), each at the largest step's concurrency."""
+    users = max(config.users)
+
+    def rate(url: str) -> dict[str, Any]:
+        if isinstance(driver, WrkDriver):
+            return wrk_rate(driver, url, users, step_s, settle_s, phase)
+        return locust_rate(driver, config, url, users, step_s, settle_s)
+
+    generator = http = None
+    if config.sink:
+        with Sink() as sink:
+            generator = ceiling_entry("sink", sink.url, users, rate(sink.url))
+        log(f"  ceiling: load generator {generator['rps']:.0f} req/s against the sink")
+    if config.ceiling_url:
+        wait_ceiling(config.ceiling_url, config.ready_timeout_s)
+        http = ceiling_entry("null engine", config.ceiling_url, users, rate(config.ceiling_url))
+        log(f"  ceiling: HTTP layer {http['rps']:.0f} req/s against {config.ceiling_url}")
+    return generator, http
+
+
+def make_driver(config: LoadtestConfig, plan: locustfile.LoadPlan) -> Driver | WrkDriver:
+    if config.driver == "wrk":
+        return WrkDriver(plan, find_wrk(config.wrk))
+    return DistributedDriver(plan, config.processes) if config.processes > 1 else LocalDriver(plan)
+
+
 def run(config: LoadtestConfig) -> int:
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     wall_start = time.monotonic()
@@ -92,6 +171,7 @@ def run(config: LoadtestConfig) -> int:
         return 3
     try:
         plan = locustfile.build_plan(config)
+        layer_records = load_records(config.layer_bench) if config.layer_bench else None
     except (RuntimeError, OSError, ValueError, KeyError) as exc:
         log(f"loadtest: cannot plan the run: {exc}")
         return 2
@@ -103,36 +183,46 @@ def run(config: LoadtestConfig) -> int:
     settle_s = min(config.settle_s, step_s * 0.25)
     budget = max(1, config.max_requests // total_steps)
     log(
-        f"loadtest: {plan.model} at {', '.join(config.urls)}; {mode} over "
+        f"loadtest: {plan.model} at {', '.join(config.urls)} with {config.driver}; {mode} over "
         f"{plan.backends or ['(server default)']}; {total_steps} steps of {step_s:.1f} s "
         f"(first {settle_s:.1f} s not measured), at most {budget} requests each"
     )
-
     try:
-        driver: Driver = (
-            DistributedDriver(plan, config.processes) if config.processes > 1 else LocalDriver(plan)
-        )
+        driver = make_driver(config, plan)
+    except WrkMissing as exc:
+        log(f"loadtest: {exc}")
+        return 2
     except RuntimeError as exc:
         log(f"loadtest: {exc}")
         return 1
     steps: list[dict[str, Any]] = []
     first_scrape: list[Scrape] | None = None
     last_scrape: list[Scrape] = []
+    largest: list[tuple[dict[str, Any], Scrape]] = []  # the top step's summary and delta, per phase
     try:
+        ceilings = measure_ceilings(driver, config, phases[0], step_s, settle_s)
         for phase in phases:
             for users in config.users:
-                index = len(steps)
-                driver.prepare(budget, phase)
-                window_s, samples, before, after = run_step(
-                    driver, config, index, users, step_s, settle_s
-                )
+                index, name = len(steps), phase or "mixed"
+                if isinstance(driver, WrkDriver):
+                    specs = driver.specs(phase)
+                    result, before, after = driver.step(
+                        specs, users, step_s, settle_s, budget, lambda: _scrape(config)
+                    )
+                    delta = delta_all(before, after)
+                    summary = wrk_step_summary(index, name, users, result, delta, plan.model, specs)
+                else:
+                    driver.prepare(budget, phase)
+                    window_s, samples, before, after = run_step(
+                        driver, config, index, users, step_s, settle_s
+                    )
+                    delta = delta_all(before, after)
+                    summary = step_summary(index, name, users, window_s, samples, delta, plan.model)
                 first_scrape = before if first_scrape is None else first_scrape
                 last_scrape = after
-                name = phase or "mixed"
-                summary = step_summary(
-                    index, name, users, window_s, samples, delta_all(before, after), plan.model
-                )
                 steps.append(summary)
+                if users == max(config.users):
+                    largest.append((summary, delta))
                 lat = summary["latency_ms"]
                 log(
                     f"  step {index + 1}/{total_steps} {name} users={users}: "
@@ -140,6 +230,9 @@ def run(config: LoadtestConfig) -> int:
                     f"p50 {lat['p50'] or 0:.1f} ms, p99 {lat['p99'] or 0:.1f} ms, "
                     f"errors {summary['errors'] or 'none'}"
                 )
+    except (RuntimeError, OSError) as exc:  # wrk failed, or the sink or null server did
+        log(f"loadtest: {exc}")
+        return 1
     finally:
         driver.quit()
 
@@ -155,7 +248,15 @@ def run(config: LoadtestConfig) -> int:
         started_at,
         time.monotonic() - wall_start,
     )
-    report["load_generator"] = {"processes": driver.processes, "errors": driver.exceptions()}
+    report["load_generator"] = {"driver": config.driver, "processes": driver.processes,
+                                "errors": driver.exceptions()}  # fmt: skip
+    if any(ceilings):
+        report["ceilings"] = ceilings_section(*ceilings, steps)
+        log(f"loadtest: {report['ceilings']['verdict']}")
+    if layer_records is not None:
+        report["layer_bench"] = layer_bench_section(
+            config.layer_bench, layer_records, largest, plan.model
+        )
     try:
         from loadtest.plots import write_plots
     except ImportError:  # a bare GPU host: `python -m loadtest.plots <out>` draws them later
@@ -169,6 +270,21 @@ def run(config: LoadtestConfig) -> int:
     log(json.dumps({"requests": totals["requests"], "ok": totals["ok"],
                     "errors_by_status": totals["errors_by_status"]}))  # fmt: skip
     return 0 if totals["ok"] > 0 else 1
+
+
+def layer_bench_section(
+    path: str,
+    records: list[dict[str, Any]],
+    largest: list[tuple[dict[str, Any], Scrape]],
+    model: str,
+) -> dict[str, Any]:
+    """Live layer means over the largest step (each phase's, in compare mode) against `records`."""
+    live: dict[tuple[str, str, str], dict[str, float]] = {}
+    batches: dict[str, float] = {}
+    for summary, delta in largest:
+        live.update(live_layers(delta, model))
+        batches.update(summary["server"]["mean_batch_size"])
+    return {"path": path, "backends": compare_layers(live, records, model, batches)}
 
 
 def main(argv: list[str] | None = None) -> int:

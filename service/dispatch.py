@@ -158,7 +158,7 @@ class LocalDispatcher(Dispatcher):
             self._memory_task.cancel()
         for batcher in self.batchers.values():
             await batcher.close()
-        for (name, _backend) in self.batchers:
+        for name, _backend in self.batchers:
             self.metrics.model_ready.labels(name).set(0)
         if self.engine is not None:
             await asyncio.to_thread(self.engine.close)

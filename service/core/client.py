@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -69,6 +70,10 @@ class RemoteDispatcher(Dispatcher):
         loop = self._loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         loop.add_reader(self._conn.fileno(), self._on_readable)
+        # uvloop (libuv's uv_poll_init) makes a polled fd non-blocking; Connection.recv then
+        # fails with EAGAIN halfway through a message larger than one socket read. Messages
+        # are written whole by the other side, so a blocking read of one is short.
+        os.set_blocking(self._conn.fileno(), True)
         models = await self._ready
         in_bytes = max(int(np.prod(d.input_shape)) * 4 for d in models.values())
         out_bytes = max(d.num_classes for d in models.values()) * 4

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from multiprocessing.connection import Connection
@@ -194,6 +195,7 @@ async def serve_engine(
     for link in links:
         link.send(("ready", models))
         loop.add_reader(link.conn.fileno(), link.on_readable)
+        os.set_blocking(link.conn.fileno(), True)  # see RemoteDispatcher.start
     await stop.wait()
     await dispatcher.close()  # fails what is queued; the batchers let go of their rows
     for link in links:

@@ -35,7 +35,7 @@ def server():
         "ESCORT_MODELS": FAKE_MODEL,
         "ESCORT_BACKENDS": "sparse,dense",
         "ESCORT_WORKERS": str(WORKERS),
-        "ESCORT_WORKER_SLOTS": "8",
+        "ESCORT_WORKER_SLOTS": "16",
         "ESCORT_MAX_BATCH_DELAY_MS": "10",
     }
     with ProcessServer("tests.service.fake_server", env) as running:
@@ -87,13 +87,13 @@ def test_metrics_add_up_over_every_process(server: ProcessServer) -> None:
 
 def test_a_request_larger_than_a_worker_s_slots_gets_503(server: ProcessServer) -> None:
     with server.client() as http:
-        response = http.post(V2, json=tensor_body(marked_tensor(0.5, rows=9)))
+        response = http.post(V2, json=tensor_body(marked_tensor(0.5, rows=17)))
         assert response.status_code == 503
         assert response.headers["Retry-After"] == "1"
         assert "ESCORT_WORKER_SLOTS" in response.json()["error"]
         # The refusal took nothing: the next request still has all its slots.
-        ok = http.post(V2, json=tensor_body(marked_tensor(0.5, rows=8)))
-        assert ok.status_code == 200 and probabilities(ok).shape == (8, 10)
+        ok = http.post(V2, json=tensor_body(marked_tensor(0.5, rows=16)))
+        assert ok.status_code == 200 and probabilities(ok).shape == (16, 10)
 
 
 def test_statistics_come_from_the_engine_process(server: ProcessServer) -> None:

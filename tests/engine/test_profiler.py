@@ -204,6 +204,8 @@ def test_profiled_times_match_the_layer_bench_on_a_busy_host(backend: str) -> No
         ratio = med / ref["seconds"]
         print(f"  {layer:<24} bench {ref['seconds'] * 1e6:8.1f} us  profiled {med * 1e6:8.1f} us"
               f"  x{ratio:.2f}  ({len(got)} samples)")  # fmt: skip
-        if len(got) < 4 or not 0.75 <= ratio <= 1.25:
+        # Eager kernels of one layer start a few us apart where a graph replay packs them:
+        # layers of a few tens of us get that much absolute slack on top of the 25%.
+        if len(got) < 4 or abs(med - ref["seconds"]) > max(0.25 * ref["seconds"], 10e-6):
             bad.append((layer, len(got), round(ratio, 2)))
     assert not bad, bad

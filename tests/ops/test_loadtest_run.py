@@ -144,7 +144,7 @@ def test_several_load_processes_report_every_request(standin: Server, tmp_path: 
     )
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["load_generator"] == {"processes": 2, "errors": []}
+    assert report["load_generator"] == {"driver": "locust", "processes": 2, "errors": []}
     seen = _seen(standin)
     assert seen["inference"] <= 400 + 2  # each worker rounds its share up
     for step in report["steps"]:

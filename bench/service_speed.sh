@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One device run of the service-speed measurements (docs/service.md, "Measured"):
+#   bash bench/service_speed.sh [fp32|fp16] [tensor|image]
+# offline engine at batch 32, offline per-layer times, then a null-engine server and the real
+# server side by side, and the wrk load test (sink and null-engine ceilings, compare mode).
+# Carry .gpu-wheels and .gpu-debs. Everything lands in $OUT/results.tgz.
+set -uo pipefail
+PRECISION=${1:-fp32}
+V2_INPUT=${2:-tensor}
+OUT=${OUT:-gpu-out}
+R=$OUT/r
+mkdir -p "$R"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu-wheels/*.whl \
+  >"$R/pip.log" 2>&1 || { tail "$R/pip.log"; exit 1; }
+export PYTHONPATH=/tmp/site:.
+bash loadtest/unpack_debs.sh /tmp/debs >/dev/null
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$R/device.txt"
+df -h /dev/shm | tail -1 | tee -a "$R/device.txt"
+nproc | tee -a "$R/device.txt"
+MODEL=${SERVICE_MODEL:-resnet50-uniform90}
+CACHE=/tmp/escort-cache
+export ESCORT_MODELS=$MODEL ESCORT_BACKENDS=sparse,dense ESCORT_CACHE_DIR=$CACHE ESCORT_PRECISION=$PRECISION
+stamp() { echo "=== $1 $(date -u +%H:%M:%S)"; }
+
+stamp bench-model
+timeout 200 python3 -m service.engine.bench --models "$MODEL" \
+  --configs "dense-$PRECISION,sparse-$PRECISION" --batches 32 --cache-dir $CACHE \
+  --out "$R/bench" --no-progress >"$R/bench.log" 2>&1
+tail -8 "$R/bench.log"
+
+stamp layer-times
+timeout 120 python3 -m bench.layer_times --model "$MODEL" --backends sparse,dense --batch 32 \
+  --precision "$PRECISION" --device cuda --out "$R/layer_times.json" --cache-dir $CACHE \
+  >"$R/layer_times.log" 2>&1
+tail -3 "$R/layer_times.log"
+
+stamp servers
+ESCORT_ENGINE=null ESCORT_PORT=8001 python3 -m service.app >"$R/null-server.log" 2>&1 &
+null=$!
+ESCORT_DEVICE=cuda ESCORT_PORT=8000 python3 -m service.app >"$R/server.log" 2>&1 &
+server=$!
+
+stamp loadtest
+LOADTEST_DRIVER=wrk LOADTEST_SINK=1 LOADTEST_CEILING_URL=http://127.0.0.1:8001 \
+LOADTEST_PROTOCOLS=${LOADTEST_PROTOCOLS:-v2} LOADTEST_V2_INPUT=$V2_INPUT LOADTEST_COMPARE=1 \
+LOADTEST_USERS=${LOADTEST_USERS:-1,4,64} LOADTEST_MAX_REQUESTS=10000000 \
+LOADTEST_DURATION_S=${LOADTEST_DURATION_S:-90} LOADTEST_LAYER_BENCH="$R/layer_times.json" \
+LOADTEST_OUT="$R/loadtest" timeout 400 python3 -m loadtest.run >"$R/loadtest.log" 2>&1
+echo "loadtest exit $?"
+tail -30 "$R/loadtest.log"
+kill -TERM $server $null
+wait $server; echo "server exit $?"
+wait $null
+grep -i "error\|warning\|serving\|ready\|arena" "$R/server.log" | grep -v "health" | head -20
+stamp done
+tar czf "$OUT/results.tgz" -C "$OUT" r

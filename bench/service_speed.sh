@@ -23,6 +23,13 @@ CACHE=/tmp/escort-cache
 export ESCORT_MODELS=$MODEL ESCORT_BACKENDS=sparse,dense ESCORT_CACHE_DIR=$CACHE ESCORT_PRECISION=$PRECISION
 stamp() { echo "=== $1 $(date -u +%H:%M:%S)"; }
 
+if [ -n "${GPU_TESTS:-}" ]; then
+  stamp gpu-tests
+  timeout 300 python3 -m pytest tests/engine tests/core -m gpu -q -p no:cacheprovider \
+    >"$R/gpu-tests.log" 2>&1
+  tail -3 "$R/gpu-tests.log"
+fi
+
 stamp bench-model
 timeout 200 python3 -m service.engine.bench --models "$MODEL" \
   --configs "dense-$PRECISION,sparse-$PRECISION" --batches 32 --cache-dir $CACHE \
@@ -30,7 +37,7 @@ timeout 200 python3 -m service.engine.bench --models "$MODEL" \
 tail -8 "$R/bench.log"
 
 stamp layer-times
-timeout 120 python3 -m bench.layer_times --model "$MODEL" --backends sparse,dense --batch 32 \
+[ -n "${SKIP_LAYER_TIMES:-}" ] || timeout 120 python3 -m bench.layer_times --model "$MODEL" --backends sparse,dense --batch 32 \
   --precision "$PRECISION" --device cuda --out "$R/layer_times.json" --cache-dir $CACHE \
   >"$R/layer_times.log" 2>&1
 tail -3 "$R/layer_times.log"

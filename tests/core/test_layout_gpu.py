@@ -61,7 +61,10 @@ def test_fp16_rows_match_fp32_rows_of_the_same_values(server: ProcessServer) -> 
     half = rows(4, seed=2).astype(np.float16)
     entry = {"name": "input", "shape": list(half.shape), "datatype": "FP16"}
     entry["parameters"] = {"binary_data_size": half.nbytes}
-    header = {"inputs": [entry], "outputs": [{"name": "probabilities"}]}
+    header = {
+        "inputs": [entry],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": False}}],
+    }
     body, headers = binary_request(header, [half.tobytes()])
     with server.client() as http:
         response = http.post(V2, content=body, headers=headers)

@@ -30,35 +30,24 @@ def v2_binary_body(images: list[LoadImage], backend: str | None) -> tuple[bytes,
     """A V2 request with the images as one BYTES tensor in the binary extension; returns the
     body and the length of its JSON header."""
     raw = b"".join(struct.pack("<I", len(image.data)) + image.data for image in images)
-    header: dict[str, Any] = {
-        "inputs": [
-            {
-                "name": "image",
-                "shape": [len(images)],
-                "datatype": "BYTES",
-                "parameters": {"binary_data_size": len(raw)},
-            }
-        ],
-        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
-    }
-    if backend:
-        header["parameters"] = {"backend": backend}
-    head = json.dumps(header, separators=(",", ":")).encode()
-    return head + raw, len(head)
+    return _v2_binary_body("image", [len(images)], "BYTES", raw, backend)
 
 
 def v2_tensor_body(tensors: list[bytes], crop: int, backend: str | None) -> tuple[bytes, int]:
     """A V2 request with preprocessed images as one FP32 `input` tensor [N, 3, crop, crop]."""
     raw = b"".join(tensors)
+    return _v2_binary_body("input", [len(tensors), 3, crop, crop], "FP32", raw, backend)
+
+
+def _v2_binary_body(
+    name: str, shape: list[int], datatype: str, raw: bytes, backend: str | None
+) -> tuple[bytes, int]:
+    """One input in the binary extension, probabilities asked for as binary; returns the body
+    and the length of its JSON header."""
+    entry = {"name": name, "shape": shape, "datatype": datatype}
+    entry["parameters"] = {"binary_data_size": len(raw)}
     header: dict[str, Any] = {
-        "inputs": [
-            {
-                "name": "input",
-                "shape": [len(tensors), 3, crop, crop],
-                "datatype": "FP32",
-                "parameters": {"binary_data_size": len(raw)},
-            }
-        ],
+        "inputs": [entry],
         "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
     }
     if backend:

@@ -25,7 +25,7 @@ stamp() { echo "=== $1 $(date -u +%H:%M:%S)"; }
 
 if [ -n "${GPU_TESTS:-}" ]; then
   stamp gpu-tests
-  timeout 300 python3 -m pytest tests/engine tests/core -m gpu -q -p no:cacheprovider \
+  timeout 300 python3 -m pytest ${GPU_TEST_PATHS:-tests/engine tests/core} -m gpu -q -p no:cacheprovider \
     >"$R/gpu-tests.log" 2>&1
   tail -3 "$R/gpu-tests.log"
 fi
@@ -52,7 +52,8 @@ stamp loadtest
 LOADTEST_DRIVER=wrk LOADTEST_SINK=1 LOADTEST_CEILING_URL=http://127.0.0.1:8001 \
 LOADTEST_PROTOCOLS=${LOADTEST_PROTOCOLS:-v2} LOADTEST_V2_INPUT=$V2_INPUT LOADTEST_COMPARE=1 \
 LOADTEST_USERS=${LOADTEST_USERS:-1,4,64} LOADTEST_MAX_REQUESTS=10000000 \
-LOADTEST_DURATION_S=${LOADTEST_DURATION_S:-90} LOADTEST_LAYER_BENCH="$R/layer_times.json" \
+LOADTEST_DURATION_S=${LOADTEST_DURATION_S:-90} \
+LOADTEST_LAYER_BENCH=$([ -f "$R/layer_times.json" ] && echo "$R/layer_times.json") \
 LOADTEST_OUT="$R/loadtest" timeout 400 python3 -m loadtest.run >"$R/loadtest.log" 2>&1
 echo "loadtest exit $?"
 tail -30 "$R/loadtest.log"

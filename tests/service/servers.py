@@ -117,7 +117,10 @@ class ProcessServer:
             **os.environ,
             "ESCORT_HOST": "127.0.0.1",
             "ESCORT_PORT": str(self.port),
-            "PYTHONPATH": str(REPO),
+            # The repository first, then whatever the caller had (carried wheels on a GPU box).
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
+            ),
             **env,
         }
         self.module = module

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,11 @@ log = logging.getLogger("escort.batching")
 # Runs one batch: (model, backend, rows [3,H,W] each) -> probabilities [N, classes]
 # (Engine.infer_rows: rows are handed over as they are, so the engine copies each once).
 InferFn = Callable[[str, str, Sequence[np.ndarray]], np.ndarray]
+# Or in two steps (Engine.launch_rows, Engine.collect), so that the next batch is staged while
+# one runs: launch returns a handle at once, collect waits for that batch's answer.
+LaunchFn = Callable[[str, str, Sequence[np.ndarray]], Any]
+CollectFn = Callable[[str, str, Any], np.ndarray]
+PIPELINE_DEPTH = 2  # batches in flight at once: one on the device, the next one staging
 
 
 @dataclass(eq=False)
@@ -57,10 +63,18 @@ class BatchQueue:
         max_batch_delay_ms: float,
         max_queue_size: int,
         retry_after_s: int = 1,
+        launch: LaunchFn | None = None,
+        collect: CollectFn | None = None,
     ) -> None:
         self.model = model
         self.backend = backend
         self._infer = infer
+        # With launch/collect, a full next batch is launched while one is still on the device.
+        self._launch = launch
+        self._collect = collect
+        self._pipelined = launch is not None and collect is not None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._last_done = 0.0  # when the latest batch finished (monotonic)
         self._metrics = metrics
         self.max_batch_size = max_batch_size
         self._delay_s = max_batch_delay_ms / 1000.0
@@ -78,6 +92,9 @@ class BatchQueue:
         self._task: asyncio.Task[None] | None = None
         # The engine is not re-entrant per (model, backend): exactly one worker thread.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{model}")
+        # Collects waits for the device in a thread of its own, so the engine thread is free
+        # to launch the next batch meanwhile.
+        self._collector = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"collect-{model}")
         # Running totals for the V2 statistics endpoint.
         self.batches_run = 0
         self.images_run = 0
@@ -187,17 +204,38 @@ class BatchQueue:
             async with asyncio.timeout(remaining):
                 await self._filled.wait()
 
+    async def _wait_for_next(self) -> None:
+        """Wait until the next batch should start. With a batch in flight (pipelined), only a
+        full batch starts early, which is when overlapping its copies pays; otherwise wait
+        for the device to finish, then the usual rule (full, or the oldest waited the delay)."""
+        while self._busy() and len(self._items) < self.max_batch_size:
+            self._filled.clear()
+            filled = asyncio.ensure_future(self._filled.wait())
+            await asyncio.wait({filled, *self._busy()}, return_when=asyncio.FIRST_COMPLETED)
+            filled.cancel()
+        if not self._busy():
+            if not self._items:
+                self._idle.set()
+            await self._wait_to_fill()
+
+    def _busy(self) -> set[asyncio.Task[None]]:
+        return {task for task in self._inflight if not task.done()}
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._wait_to_fill()
+            await self._wait_for_next()
             batch = self._take_batch()
             if not batch:
-                if not self._items:
+                if not self._items and not self._busy():
                     self._idle.set()
                 continue
-            await self._compute(loop, batch)
-            if not self._items:
+            task = loop.create_task(self._compute(loop, batch))
+            self._inflight = self._busy() | {task}
+            depth = PIPELINE_DEPTH if self._pipelined else 1
+            while len(self._busy()) >= depth:
+                await asyncio.wait(self._busy(), return_when=asyncio.FIRST_COMPLETED)
+            if not self._items and not self._busy():
                 self._idle.set()
 
     async def _compute(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
@@ -205,9 +243,18 @@ class BatchQueue:
         rows = [item.row for item in batch]
         start = time.monotonic()
         try:
-            outputs = await loop.run_in_executor(
-                self._worker, self._infer, self.model, self.backend, rows
-            )
+            if self._pipelined:
+                assert self._launch is not None and self._collect is not None
+                launched = await loop.run_in_executor(
+                    self._worker, self._launch, self.model, self.backend, rows
+                )
+                outputs = await loop.run_in_executor(
+                    self._collector, self._collect, self.model, self.backend, launched
+                )
+            else:
+                outputs = await loop.run_in_executor(
+                    self._worker, self._infer, self.model, self.backend, rows
+                )
             outputs = np.asarray(outputs)
             if outputs.ndim < 1 or outputs.shape[0] != size:
                 got = outputs.shape[0] if outputs.ndim else "no"
@@ -215,6 +262,13 @@ class BatchQueue:
                     f"the engine returned {got} results for a batch of {size} on "
                     f"{self.model}/{self.backend}"
                 )
+        except asyncio.CancelledError:
+            # Closed while the batch ran (the drain timed out): answer, do not leave it hanging.
+            error = ShuttingDownError("the server shut down before this request ran", 0)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            raise
         except Exception as exc:
             self._metrics.batch_failures.labels(self.model, self.backend).inc()
             if not isinstance(exc, ServiceError):
@@ -227,7 +281,11 @@ class BatchQueue:
                     item.future.set_exception(exc)
             return
         finally:
-            elapsed = time.monotonic() - start
+            # The batch's own time: from its launch, or, when it was launched while the one
+            # before it still ran, from when that one finished.
+            finished = time.monotonic()
+            elapsed = finished - max(start, min(self._last_done, finished))
+            self._last_done = finished
         self.batches_run += 1
         self.images_run += size
         self.compute_ns += int(elapsed * 1e9)
@@ -253,6 +311,8 @@ class BatchQueue:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for task in self._busy():  # their requests get 503 (see _compute)
+            task.cancel()
         error = ShuttingDownError("the server shut down before this request ran", 0)
         while self._items:
             item = self._items.popleft()
@@ -260,6 +320,7 @@ class BatchQueue:
             if not item.future.done():
                 item.future.set_exception(error)
         self._worker.shutdown(wait=False, cancel_futures=True)
+        self._collector.shutdown(wait=False, cancel_futures=True)
 
 
 def _loop_time(loop: asyncio.AbstractEventLoop, deadline: float) -> float:

@@ -128,6 +128,8 @@ class LocalDispatcher(Dispatcher):
                     max_batch_delay_ms=settings.max_batch_delay_ms,
                     max_queue_size=settings.max_queue_size,
                     retry_after_s=settings.retry_after_s,
+                    launch=engine.launch_rows if engine.pipelined else None,
+                    collect=engine.collect if engine.pipelined else None,
                 )
                 batcher.start()
                 self.batchers[(name, backend)] = batcher

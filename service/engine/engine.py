@@ -35,7 +35,7 @@ from service.engine.protocol import (
     ModelDescription,
     Preprocessing,
 )
-from service.engine.runner import Runner, batch_buckets
+from service.engine.runner import Launched, Runner, batch_buckets
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +293,16 @@ class TorchEngine(Engine):
 
     def infer_rows(self, model: str, backend: str, rows: Sequence[np.ndarray]) -> np.ndarray:
         return self.runner(model, backend).infer_rows(rows)
+
+    @property
+    def pipelined(self) -> bool:  # type: ignore[override]
+        return self.device.type == "cuda"
+
+    def launch_rows(self, model: str, backend: str, rows: Sequence[np.ndarray]) -> Launched:
+        return self.runner(model, backend).launch_rows(rows)
+
+    def collect(self, model: str, backend: str, launched: Launched) -> np.ndarray:
+        return self.runner(model, backend).collect(launched)
 
     def pin_host_memory(self, address: int, size: int) -> bool:
         if self.device.type != "cuda":

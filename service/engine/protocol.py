@@ -74,6 +74,18 @@ class Engine(ABC):
         Engines that copy rows to a device themselves override this to skip the stacking."""
         return self.infer(model, backend, np.stack(rows))
 
+    # True when launch_rows returns before the batch is done (so batching may overlap two).
+    pipelined: bool = False
+
+    def launch_rows(self, model: str, backend: str, rows: Sequence[np.ndarray]) -> Any:
+        """Start a batch and return a handle for `collect`, so that the next batch can be
+        staged while this one runs. The default computes it here and now."""
+        return self.infer_rows(model, backend, rows)
+
+    def collect(self, model: str, backend: str, launched: Any) -> np.ndarray:
+        """The probabilities of a batch `launch_rows` started (in launch order)."""
+        return launched
+
     def pin_host_memory(self, address: int, size: int) -> bool:
         """Page-lock host memory that rows will live in (a shared-memory arena), so that
         copies from it to the device need no staging. False where it means nothing."""

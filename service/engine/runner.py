@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -76,14 +77,21 @@ class Runner:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._graph_out: dict[int, torch.Tensor] = {}
         self._static_in: dict[int, torch.Tensor] = {}
-        self._stages: dict[str, torch.Tensor] = {}  # device staging for rows of another dtype
+        # Device staging per pipeline slot and row dtype; what a slot's last batch left there
+        # is read (by its copy into the static input) before `_slot_done[slot]` fires.
+        self._stages: dict[tuple[int, str], torch.Tensor] = {}
+        self._slot_done: list[torch.cuda.Event | None] = [None for _ in _SLOTS]
+        self._next_slot = 0
         self.eager_buckets: set[int] = set()
         if self.cuda:
             self.stream = torch.cuda.Stream(self.device)
+            # Rows go to the device on a stream of their own, so that a batch's copies can run
+            # while the batch before it replays (launch/collect, two batches in flight).
+            self.copy_stream = torch.cuda.Stream(self.device)
             top = self.buckets[-1]
             shape = (top, *self.input_shape)
-            self._host_in = torch.zeros(shape, dtype=built.dtype).pin_memory()
-            self._host_in_np = self._host_in.numpy()
+            self._host_in = [torch.zeros(shape, dtype=built.dtype).pin_memory() for _ in _SLOTS]
+            self._host_in_np = [buffer.numpy() for buffer in self._host_in]
             for b in self.buckets:
                 self._static_in[b] = torch.zeros((b, *self.input_shape), dtype=built.dtype)
                 self._static_in[b] = self._static_in[b].to(self.device)
@@ -130,7 +138,7 @@ class Runner:
                 self.num_classes = int(out.shape[1])
             self.stream.synchronize()
             top = self.buckets[-1]
-            self._host_out = torch.zeros((top, self.num_classes)).pin_memory()
+            self._host_out = [torch.zeros((top, self.num_classes)).pin_memory() for _ in _SLOTS]
             self.warmed = True
 
     def _capture(self, b: int, x: torch.Tensor, pool) -> torch.Tensor:
@@ -188,7 +196,9 @@ class Runner:
 
     def check_rows(self, rows: Sequence[np.ndarray]) -> None:
         if len(rows) > self.max_batch_size:
-            raise BadBatchError(f"batch of {len(rows)} exceeds max_batch_size {self.max_batch_size}")
+            raise BadBatchError(
+                f"batch of {len(rows)} exceeds max_batch_size {self.max_batch_size}"
+            )
         for row in rows:
             if not isinstance(row, np.ndarray) or row.dtype not in (np.float32, np.float16):
                 kind = getattr(row, "dtype", type(row).__name__)
@@ -200,22 +210,37 @@ class Runner:
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """float32/float16 [N, *input_shape] -> float32 [N, classes] (probabilities or logits)."""
         self.check(batch)
-        return self._run(batch)
+        return self.collect(self._launch(batch))
 
     def infer_rows(self, rows: Sequence[np.ndarray]) -> np.ndarray:
         """`infer` on separate rows [*input_shape]. Rows in page-locked memory (a registered
         shared-memory arena) go to the device one async copy each, with no staging copy."""
+        return self.collect(self.launch_rows(rows))
+
+    def launch_rows(self, rows: Sequence[np.ndarray]) -> Launched:
+        """Queue a batch on the device and return at once (on CUDA): its rows are copied on
+        the copy stream, into a staging buffer of their own, while the batch launched before
+        it may still replay; `collect` waits for the answer. Two batches may be in flight."""
         self.check_rows(rows)
         if not self.cuda:
-            return self._run(np.stack(rows) if len(rows) else np.zeros((0, *self.input_shape)))
-        return self._run(rows)
+            stacked = np.stack(rows) if len(rows) else np.zeros((0, *self.input_shape))
+            return self._launch(stacked)
+        return self._launch(rows)
 
-    def _run(self, batch: Sequence[np.ndarray]) -> np.ndarray:
+    def collect(self, launched: Launched) -> np.ndarray:
+        """The probabilities of a launched batch, once the device is done with it."""
+        if launched.result is None:
+            assert launched.done is not None and launched.host is not None
+            launched.done.synchronize()
+            launched.result = launched.host.numpy().copy()
+        return launched.result
+
+    def _launch(self, batch: Sequence[np.ndarray]) -> Launched:
         if not self.warmed:
             self.warm()
         n = len(batch)
         if n == 0:
-            return np.zeros((0, self.num_classes or 0), dtype=np.float32)
+            return Launched(result=np.zeros((0, self.num_classes or 0), dtype=np.float32))
         with self._lock:
             self.batches += 1
             profile = (
@@ -225,18 +250,7 @@ class Runner:
             )
             records = []
             if self.cuda:
-                b = self.bucket_for(n)
-                with self.context():
-                    self._stage(b, batch)
-                    out = self._run_bucket(b)
-                    host_out = self._host_out[:n]
-                    host_out.copy_(out[:n], non_blocking=True)
-                    self.stream.synchronize()
-                    result = host_out.numpy().copy()
-                    if profile:
-                        # After the answer is on the host, on the same static input: the
-                        # sampled pass never changes what this batch computes or returns.
-                        records = self.profiler.run(lambda: self.forward(self._static_in[b]))[1]
+                launched, records = self._launch_cuda(batch, profile)
             else:
                 # A copy: callers may hand read-only views of request bodies.
                 x = torch.from_numpy(np.array(batch, dtype=np.float32))
@@ -245,42 +259,68 @@ class Runner:
                         out, records = self.profiler.run(lambda: self.forward(x))
                     else:
                         out = self.forward(x)
-                result = out.numpy().copy()
+                launched = Launched(result=out.numpy().copy())
         self._report(records)
-        return result
+        return launched
 
-    def _stage(self, b: int, batch: Sequence[np.ndarray]) -> None:
-        """Copy the batch's rows into bucket b's static input, on the runner's stream."""
+    def _launch_cuda(self, batch: Sequence[np.ndarray], profile: bool) -> tuple[Launched, list]:
         n = len(batch)
-        static = self._static_in[b]
+        b = self.bucket_for(n)
+        slot = self._next_slot
+        self._next_slot = (slot + 1) % len(_SLOTS)
+        previous = self._slot_done[slot]
+        if previous is not None:
+            previous.synchronize()  # the slot's last batch is done with its buffers
+        records: list = []
+        with self.context():
+            with torch.cuda.stream(self.copy_stream):
+                stage = self._stage(slot, batch)
+                staged = torch.cuda.Event()
+                staged.record(self.copy_stream)
+            self.stream.wait_event(staged)
+            static = self._static_in[b]
+            static[:n].copy_(stage[:n])  # on the device; casts FP16 rows for an fp32 model
+            out = self._run_bucket(b)
+            host = self._host_out[slot][:n]
+            host.copy_(out[:n], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+            self._slot_done[slot] = done
+            if profile:
+                # After the batch, on its own static input, on the same stream: the sampled
+                # pass never changes what the batch computes or returns.
+                records = self.profiler.run(lambda: self.forward(static))[1]
+        return Launched(done=done, host=host), records
+
+    def _stage(self, slot: int, batch: Sequence[np.ndarray]) -> torch.Tensor:
+        """Copy the batch's rows to the device (on the current stream, the copy stream);
+        returns the device buffer that holds them."""
+        n = len(batch)
         if not isinstance(batch, np.ndarray) and all(_is_pinned(row) for row in batch):
             dtypes = {row.dtype for row in batch}
-            only = next(iter(dtypes)) if len(dtypes) == 1 else None
-            stage = static
-            if only is None or _TORCH_OF[only] != static.dtype:
-                # Rows of another dtype (FP16 rows, fp32 model) land in a device buffer of
-                # their own dtype and are cast there; mixed batches stage as fp32.
-                stage = self._device_stage(only if only is not None else np.float32)
+            only = next(iter(dtypes)) if len(dtypes) == 1 else np.dtype(np.float32)
+            stage = self._device_stage(slot, only)
             for i, row in enumerate(batch):
                 host = torch.from_numpy(row)
-                if host.dtype != stage.dtype:  # mixed batch: cast this row on the host
+                if host.dtype != stage.dtype:  # a mixed batch: cast this row on the host
                     host = host.to(stage.dtype)
                 stage[i].copy_(host, non_blocking=True)
-            if stage is not static:
-                static[:n].copy_(stage[:n])  # the dtype cast happens on the device
-            return
+            return stage
+        host_np = self._host_in_np[slot]
         if isinstance(batch, np.ndarray):
-            self._host_in_np[:n] = batch  # numpy casts float16 <-> float32 as needed
+            host_np[:n] = batch  # numpy casts float16 <-> float32 as needed
         else:
             for i, row in enumerate(batch):
-                self._host_in_np[i] = row
-        static[:n].copy_(self._host_in[:n], non_blocking=True)
+                host_np[i] = row
+        stage = self._device_stage(slot, host_np.dtype)
+        stage[:n].copy_(self._host_in[slot][:n], non_blocking=True)
+        return stage
 
-    def _device_stage(self, dtype: np.dtype) -> torch.Tensor:
-        key = np.dtype(dtype).str
+    def _device_stage(self, slot: int, dtype: np.dtype) -> torch.Tensor:
+        key = (slot, np.dtype(dtype).str)
         if key not in self._stages:
             shape = (self.buckets[-1], *self.input_shape)
-            torch_dtype = torch.float16 if key == np.dtype(np.float16).str else torch.float32
+            torch_dtype = _TORCH_OF[np.dtype(dtype)]
             self._stages[key] = torch.empty(shape, dtype=torch_dtype, device=self.device)
         return self._stages[key]
 
@@ -307,6 +347,17 @@ class Runner:
 
 
 _TORCH_OF = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
+_SLOTS = (0, 1)  # batches that may be in flight at once: one replaying, one being staged
+
+
+@dataclass
+class Launched:
+    """A batch on its way: the event its answer waits for and where the answer lands (CUDA),
+    or the answer itself (CPU, computed at launch)."""
+
+    done: torch.cuda.Event | None = None
+    host: torch.Tensor | None = None
+    result: np.ndarray | None = None
 
 
 def _is_pinned(row: np.ndarray) -> bool:

@@ -4,6 +4,7 @@ runs, a full queue refuses, and a failed batch fails each of its requests."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 
@@ -208,3 +209,91 @@ def test_close_fails_what_is_still_queued() -> None:
             await queue.submit(marked_tensor(2.0), later(1))
 
     asyncio.run(scenario())
+
+
+class PipelinedFake:
+    """launch returns at once and the 'device' works in a thread of its own, `device_s` per
+    batch, one batch at a time; collect waits for it. Records when each step happened."""
+
+    def __init__(self, engine: FakeEngine, device_s: float) -> None:
+        self.engine = engine
+        self.device_s = device_s
+        self.device = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self.events: list[tuple[str, int, float]] = []
+        self.count = 0
+
+    def launch(self, model: str, backend: str, rows) -> tuple[int, concurrent.futures.Future]:
+        self.count += 1
+        batch = np.stack(rows)
+        self.events.append(("launch", self.count, time.monotonic()))
+
+        def run() -> np.ndarray:
+            time.sleep(self.device_s)
+            return self.engine.reference(batch)
+
+        return self.count, self.device.submit(run)
+
+    def collect(self, model: str, backend: str, launched) -> np.ndarray:
+        number, future = launched
+        result = future.result()
+        self.events.append(("collect", number, time.monotonic()))
+        return result
+
+
+def test_a_full_next_batch_launches_while_one_is_on_the_device() -> None:
+    fake = PipelinedFake(FakeEngine(), device_s=0.1)
+
+    async def scenario() -> float:
+        metrics = ServiceMetrics(max_batch_size=4)
+        queue = BatchQueue(
+            FAKE_MODEL, "sparse", fake.engine.infer_rows, metrics, max_batch_size=4,
+            max_batch_delay_ms=5.0, max_queue_size=64, launch=fake.launch, collect=fake.collect,
+        )  # fmt: skip
+        queue.start()
+        tensors = [marked_tensor(i / 20) for i in range(16)]
+        started = time.monotonic()
+        results = await asyncio.gather(*(queue.submit(t, later(10)) for t in tensors))
+        wall = time.monotonic() - started
+        for tensor, result in zip(tensors, results, strict=True):
+            np.testing.assert_allclose(result, fake.engine.reference(tensor), rtol=1e-6)
+        labels = {"model": FAKE_MODEL, "backend": "sparse"}
+        assert sample(metrics, "escort_batch_size_count", labels) == 4
+        # Each batch's own time: the sum cannot exceed the wall time although batches overlap.
+        assert sample(metrics, "escort_compute_duration_seconds_sum", labels) <= wall + 0.01
+        assert await queue.drain(1.0)
+        await queue.close()
+        return wall
+
+    wall = asyncio.run(scenario())
+    launches = {n: t for kind, n, t in fake.events if kind == "launch"}
+    collects = {n: t for kind, n, t in fake.events if kind == "collect"}
+    assert sorted(launches) == sorted(collects) == [1, 2, 3, 4]
+    # Full batches queued behind a running one were launched before it was collected...
+    assert all(launches[n + 1] < collects[n] for n in (1, 2, 3))
+    # ...but never more than two in flight.
+    assert all(launches[n + 2] >= collects[n] for n in (1, 2))
+    assert wall < 4 * 0.1 + 0.3
+
+
+def test_a_partial_batch_waits_for_the_device_instead_of_launching_early() -> None:
+    fake = PipelinedFake(FakeEngine(), device_s=0.1)
+
+    async def scenario() -> None:
+        metrics = ServiceMetrics(max_batch_size=4)
+        queue = BatchQueue(
+            FAKE_MODEL, "sparse", fake.engine.infer_rows, metrics, max_batch_size=4,
+            max_batch_delay_ms=5.0, max_queue_size=64, launch=fake.launch, collect=fake.collect,
+        )  # fmt: skip
+        queue.start()
+        first = [asyncio.ensure_future(queue.submit(marked_tensor(0.1), later(10)))
+                 for _ in range(4)]  # fmt: skip
+        await asyncio.sleep(0.03)  # the first batch is on the device
+        second = await queue.submit(marked_tensor(0.2), later(10))
+        await asyncio.gather(*first)
+        np.testing.assert_allclose(second, fake.engine.reference(marked_tensor(0.2)), rtol=1e-6)
+        await queue.close()
+
+    asyncio.run(scenario())
+    launches = {n: t for kind, n, t in fake.events if kind == "launch"}
+    collects = {n: t for kind, n, t in fake.events if kind == "collect"}
+    assert launches[2] >= collects[1]  # one row is not worth overlapping: it waited

@@ -272,7 +272,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", default="bench/results/layer_times.json")
     p.add_argument("--cache-dir", default=".escort-cache", help="auto's tuning cache")
-    p.add_argument("--models-dir", default="models")
+    p.add_argument("--models-dir", default="", help="folders searched before the shipped ones")
     p.add_argument("--calls", type=int, default=10, help="calls per timed repeat")
     p.add_argument("--reps", type=int, default=7, help="repeats (the median is kept)")
     return p.parse_args(argv)

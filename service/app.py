@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import sys
 import time
@@ -20,13 +21,14 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from service.api import health, v1, v2
+from service.api import docs_assets, health, v1, v2
 from service.api.middleware import ServiceMiddleware
 from service.api.state import ServiceState
 from service.config import ConfigError, Settings, load_settings, unknown_environment_names
 from service.dispatch import Dispatcher, EngineFactory, LocalDispatcher, default_engine_factory
 from service.engine.protocol import Engine, EngineSpec
-from service.errors import ServiceError, register_error_handlers
+from service.errors import NotReadyError, ServiceError, register_error_handlers
+from service.logs import SUPERVISOR, configure, is_config_error, uvicorn_log_config
 from service.metrics import ServiceMetrics
 from service.preprocess import Preprocessor
 
@@ -72,7 +74,11 @@ async def _prepare(state: ServiceState, dispatcher: Dispatcher) -> None:
         raise
     except Exception as exc:
         state.load_error = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, LookupError | ValueError | OSError | ServiceError):
+        if isinstance(exc, NotReadyError):
+            # Only RemoteDispatcher.start raises it: the engine process could not load the
+            # models and has logged why itself; a second copy of its error would only confuse.
+            log.info("stopping: the engine process could not load the models")
+        elif is_config_error(exc) or isinstance(exc, ServiceError):
             log.error("could not load the models: %s", exc)  # a setup mistake: no traceback
         else:
             log.exception("could not load the models")
@@ -103,7 +109,7 @@ def create_app(
     `engine` to serve an already built one (tests use a fake), or `dispatcher_factory` to
     reach an engine elsewhere (an HTTP worker of the engine core process)."""
     settings = settings or load_settings()
-    expected = tuple(engine.describe()) if engine is not None else tuple(settings.models)
+    expected = tuple(engine.describe()) if engine is not None else settings.model_names
     if dispatcher_factory is None:
 
         def dispatcher_factory(settings: Settings, metrics: ServiceMetrics) -> Dispatcher:
@@ -135,6 +141,8 @@ def create_app(
         summary="Pruned CNN inference on the Escort direct sparse convolution",
         version=v2._version(),
         lifespan=lifespan,
+        docs_url=None,  # served offline by docs_assets (no CDN)
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.service = None
@@ -145,6 +153,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(v2.router)
     app.include_router(v1.router)
+    app.include_router(docs_assets.router)
     return app
 
 
@@ -187,6 +196,7 @@ def serve(app: FastAPI, settings: Settings, sockets: list[socket.socket] | None 
         port=settings.port,
         workers=1,
         log_level=settings.log_level,
+        log_config=uvicorn_log_config(settings.log_level),  # timestamps on uvicorn's lines
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
         lifespan="on",
     )
@@ -204,28 +214,36 @@ def serve(app: FastAPI, settings: Settings, sockets: list[socket.socket] | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`escort serve`: build the settings from ESCORT_* variables and serve."""
-    if argv and argv[0] in ("-h", "--help"):
-        print(
-            "usage: escort serve\n\nConfigured by ESCORT_* environment variables or a TOML "
-            "file named by ESCORT_CONFIG; `python -m service.config` lists them."
-        )
-        return 0
+    """`escort serve [flags]`: build the settings (flags over ESCORT_* variables over the TOML
+    file over the defaults) and serve them with the supervisor layout. The Settings built here
+    are what the supervisor pickles to the engine process and the workers, so a flag reaches
+    every process."""
+    from service.cli import parse_serve_args
+    from service.config import CONFIG_FILE_VAR
+    from service.core.supervisor import run_service
+
     try:
-        settings = load_settings()
+        args = parse_serve_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:  # --help (0) or a usage error argparse has already printed (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    if args.config is not None:
+        if not os.path.isfile(args.config):
+            print(f"escort serve: --config {args.config}: no such file", file=sys.stderr)
+            return 2
+        # Settings reads the file's name from the environment when it lists its sources, so
+        # it has to be there before they are built; a flag wins over an ESCORT_CONFIG already
+        # set, as every flag does.
+        os.environ[CONFIG_FILE_VAR] = args.config
+    try:
+        settings = load_settings(flags=args.settings)
     except ConfigError as exc:
         print(f"escort serve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure(SUPERVISOR, settings.log_level)
     for name in unknown_environment_names():
         log.warning(
             "%s is not a setting and is ignored (python -m service.config lists them)", name
         )
-    from service.core.supervisor import run_service
-
     return run_service(settings)
 
 

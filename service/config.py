@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -104,7 +105,11 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         "info", description="Log level of the service and of uvicorn."
     )
-    models_dir: str = Field("models", description="Folder that holds the model manifests.")
+    models_dir: str = Field(
+        "",
+        description="Comma list of folders searched for manifests before the shipped ones "
+        "(a manifest there may add a model or replace a shipped one of the same name).",
+    )
     cache_dir: str = Field(
         ".escort-cache", description="Folder for prepared weights and auto-tuning decisions."
     )
@@ -160,9 +165,19 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("name at least one model")
         for name in value:
+            if name.endswith(".toml"):
+                continue  # a manifest named by its path; it is checked when it loads
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-                raise ValueError(f"{name!r} is not a model name (letters, digits, . _ -)")
+                raise ValueError(
+                    f"{name!r} is not a model name (letters, digits, . _ -) or a path to a "
+                    ".toml manifest"
+                )
         return value
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """The names the models are served under: a manifest path serves as its file name."""
+        return tuple(Path(m).stem if m.endswith(".toml") else m for m in self.models)
 
     @field_validator("backends")
     @classmethod
@@ -239,15 +254,32 @@ def _describe_error(error: dict[str, Any], from_file: bool) -> str:
     return f"{name}: {reason.removeprefix('Value error, ')}{shown}"
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Build Settings from the environment (and ESCORT_CONFIG), raising ConfigError on bad input."""
+def flag_name(field: str) -> str:
+    """The `escort serve` flag of a setting: max_batch_size -> --max-batch-size."""
+    return "--" + field.replace("_", "-")
+
+
+def load_settings(*, flags: Mapping[str, Any] | None = None, **overrides: Any) -> Settings:
+    """Build Settings from the environment (and ESCORT_CONFIG), raising ConfigError on bad input.
+
+    `overrides` and `flags` (command-line values by setting name) both win over the
+    environment and the file: pydantic-settings puts init arguments first. They differ only
+    in how an error names them: a bad flag is reported as `--port`, not as ESCORT_PORT, so
+    that the message points at what the user typed."""
+    flags = dict(flags or {})
     config_file = os.environ.get(CONFIG_FILE_VAR, "").strip()
     if config_file and not Path(config_file).is_file():
         raise ConfigError(f"{CONFIG_FILE_VAR}={config_file}: no such file")
     try:
-        return Settings(**overrides)
+        return Settings(**{**overrides, **flags})
     except ValidationError as exc:
-        lines = [_describe_error(err, bool(config_file)) for err in exc.errors()]
+        lines = []
+        for err in exc.errors():
+            line = _describe_error(err, bool(config_file))
+            field = str((err.get("loc") or ("",))[0])
+            if field in flags:
+                line = line.replace(ENV_PREFIX + field.upper(), flag_name(field), 1)
+            lines.append(line)
         raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None
     except (OSError, ValueError) as exc:  # an unreadable or malformed TOML file
         raise ConfigError(f"{CONFIG_FILE_VAR}={config_file}: {exc}") from None

@@ -311,7 +311,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=1.0, help="time cap per measurement (s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-graphs", action="store_true", help="eager runs, no CUDA graphs")
-    p.add_argument("--models-dir", default="models")
+    p.add_argument("--models-dir", default="", help="folders searched before the shipped ones")
     p.add_argument("--cache-dir", default=".escort-cache", help="auto's tuning cache")
     p.add_argument("--out", default="bench/results", help="folder for json/md/png")
     p.add_argument("--quick", action="store_true", help="resnet50-uniform90, batches 1,8")

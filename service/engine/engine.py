@@ -8,6 +8,8 @@ model card. Everything that can fail does so here, at load, not on the first req
 from __future__ import annotations
 
 import logging
+import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,33 +80,22 @@ def resolve_device(device: str) -> torch.device:
 
 
 def available_models(models_dir: str | Path) -> list[str]:
-    """Manifest names in models_dir, as the models package lists them when it can."""
-    try:
-        from service.engine import manifest
-    except ImportError:
-        manifest = None
-    for attr in ("list_manifests", "available_manifests", "available_models"):
-        lister = getattr(manifest, attr, None)
-        if callable(lister):
-            return sorted(lister(models_dir))
-    folder = Path(models_dir)
-    if not folder.is_dir():
-        return []
-    return sorted(
-        p.stem
-        for p in folder.iterdir()
-        if p.suffix in MANIFEST_SUFFIXES and "label" not in p.stem and not p.stem.startswith(".")
-    )
+    """Manifest names in the model folders (ESCORT_MODELS_DIR, then the shipped ones)."""
+    from service.engine.manifest import list_manifests
+
+    return list_manifests(models_dir)
 
 
 def load_source(name: str, models_dir: str | Path, progress: bool = False) -> ModelSource:
     """Manifest and pruned weights of a shipped (or user) model, by manifest name."""
     known = available_models(models_dir)
     # A manifest may also be named by its path (a user's model outside models/).
-    if name not in known and not (Path(name).suffix in MANIFEST_SUFFIXES and Path(name).is_file()):
-        raise UnknownModelError(name, known, str(models_dir))
     from service.engine.loader import load_pruned_model
-    from service.engine.manifest import load_manifest
+    from service.engine.manifest import load_manifest, model_dirs
+
+    if name not in known and not (Path(name).suffix in MANIFEST_SUFFIXES and Path(name).is_file()):
+        where = ", ".join(str(folder) for folder in model_dirs(models_dir))
+        raise UnknownModelError(name, known, where)
 
     manifest = load_manifest(name, models_dir)
     module = load_pruned_model(manifest, progress=progress)
@@ -135,11 +126,21 @@ def check_spec(spec: EngineSpec) -> None:
 
 
 class _Progress:
-    """A tqdm bar when asked for; a no-op otherwise (and when tqdm is missing)."""
+    """Progress of a load when asked for: a tqdm bar on a terminal; on anything else (a file,
+    a container log) one INFO line per step instead, since a bar there is a stream of "\\r"
+    and escape codes. A no-op when not asked for (and the bar is one when tqdm is missing)."""
+
+    # Between steps (the auto-tuning of a big model on one backend can take minutes), a
+    # log shows the latest note at most this often, so that a long load still shows life.
+    NOTE_EVERY_S = 10.0
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.bar = None
-        if enabled:
+        self.total = total
+        self.done = 0
+        self.logging = enabled and not sys.stderr.isatty()
+        self.last_line = time.monotonic()
+        if enabled and not self.logging:
             try:
                 from tqdm import tqdm
             except ImportError:
@@ -147,13 +148,20 @@ class _Progress:
             self.bar = tqdm(total=total, desc="loading models", unit="step", leave=False)
 
     def step(self, text: str) -> None:
+        self.done += 1
         if self.bar is not None:
             self.bar.set_postfix_str(text)
             self.bar.update(1)
+        elif self.logging:
+            log.info("loading models %d/%d: %s", self.done, self.total, text)
+            self.last_line = time.monotonic()
 
     def note(self, text: str) -> None:
         if self.bar is not None:
             self.bar.set_postfix_str(text, refresh=False)  # shown at the bar's own pace
+        elif self.logging and time.monotonic() - self.last_line >= self.NOTE_EVERY_S:
+            log.info("loading models %d/%d: %s", self.done, self.total, text)
+            self.last_line = time.monotonic()
 
     def close(self) -> None:
         if self.bar is not None:

@@ -18,7 +18,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="escort fetch-models", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--models", default=os.environ.get("ESCORT_MODELS", "efficientnet-lite0"))
-    parser.add_argument("--models-dir", default=os.environ.get("ESCORT_MODELS_DIR", "models"))
+    parser.add_argument(
+        "--models-dir",
+        default=os.environ.get("ESCORT_MODELS_DIR", ""),
+        help="comma list of folders searched before the shipped manifests",
+    )
     args = parser.parse_args(argv)
 
     from service.engine.loader import load_pruned_model

@@ -27,7 +27,9 @@ when a manifest is loaded (to check the architecture name and read the ImageNet 
 
 from __future__ import annotations
 
+import sys
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -94,31 +96,88 @@ class Manifest:
         return path if path.is_absolute() else self.source.parent / path
 
 
-def list_manifests(models_dir: str | Path = "models") -> list[str]:
-    """Names of the manifests in models_dir (file names without .toml), sorted."""
-    folder = Path(models_dir)
-    if not folder.is_dir():
-        return []
-    return sorted(
-        p.stem for p in folder.iterdir() if p.suffix == SUFFIX and not p.name.startswith(".")
-    )
+SHIPPED_SUBDIR = ("share", "escort-serve", "models")  # where a wheel installs the manifests
 
 
-def manifest_path(name_or_path: str | Path, models_dir: str | Path = "models") -> Path:
-    """A manifest name ("resnet50-uniform90") or a path to a .toml file -> the file."""
-    candidate = Path(name_or_path)
+def shipped_models_dir() -> Path | None:
+    """The manifests that ship with Escort Serve: models/ of a source checkout (what an
+    editable install runs), else the copy a wheel installs under <prefix>/share/escort-serve."""
+    checkout = Path(__file__).resolve().parents[2] / "models"
+    if checkout.is_dir():
+        return checkout
+    installed = Path(sys.prefix).joinpath(*SHIPPED_SUBDIR)
+    return installed if installed.is_dir() else None
+
+
+def model_dirs(models_dir: str | Path | Sequence[str | Path] = "") -> list[Path]:
+    """Where manifests are looked up, in order: the given folders (a comma list, as
+    ESCORT_MODELS_DIR gives them), then the shipped ones. So a team's folder can hold its own
+    models beside the shipped ones, or a manifest of the same name that replaces one."""
+    if isinstance(models_dir, str):
+        items: list[str | Path] = [part.strip() for part in models_dir.split(",") if part.strip()]
+    elif isinstance(models_dir, Path):
+        items = [models_dir]
+    else:
+        items = list(models_dir)
+    folders = [Path(item).expanduser() for item in items]
+    shipped = shipped_models_dir()
+    if shipped is not None and all(_same(folder, shipped) is False for folder in folders):
+        folders.append(shipped)
+    return folders
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _describe_dirs(models_dir: str | Path | Sequence[str | Path]) -> str:
+    return ", ".join(str(folder) for folder in model_dirs(models_dir)) or "no folder"
+
+
+def list_manifests(models_dir: str | Path | Sequence[str | Path] = "") -> list[str]:
+    """Names of the manifests in the model folders (file names without .toml), sorted."""
+    names: set[str] = set()
+    for folder in model_dirs(models_dir):
+        if folder.is_dir():
+            names.update(
+                p.stem
+                for p in folder.iterdir()
+                if p.suffix == SUFFIX and not p.name.startswith(".")
+            )
+    return sorted(names)
+
+
+def manifest_path(
+    name_or_path: str | Path, models_dir: str | Path | Sequence[str | Path] = ""
+) -> Path:
+    """A manifest name ("resnet50-uniform90") or a path to a .toml file -> the file: the first
+    model folder that has the name wins."""
+    candidate = Path(name_or_path).expanduser()
     if candidate.suffix == SUFFIX or candidate.parent != Path("."):
         return candidate
-    return Path(models_dir) / f"{name_or_path}{SUFFIX}"
+    folders = model_dirs(models_dir)
+    for folder in folders:
+        path = folder / f"{name_or_path}{SUFFIX}"
+        if path.is_file():
+            return path
+    return (folders[0] if folders else Path(".")) / f"{name_or_path}{SUFFIX}"
 
 
-def load_manifest(name_or_path: str | Path, models_dir: str | Path = "models") -> Manifest:
-    """Read and validate one manifest. Raises ManifestError."""
+def load_manifest(
+    name_or_path: str | Path, models_dir: str | Path | Sequence[str | Path] = ""
+) -> Manifest:
+    """Read and validate one manifest, by name (looked up in the model folders) or by path.
+    Raises ManifestError."""
     path = manifest_path(name_or_path, models_dir)
     if not path.is_file():
         known = ", ".join(list_manifests(models_dir)) or "none"
         raise ManifestError(
-            path, None, f"no such manifest file (manifests in {models_dir}: {known})"
+            path,
+            None,
+            f"no such manifest file (manifests in {_describe_dirs(models_dir)}: {known})",
         )
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))

@@ -116,6 +116,6 @@ class EngineSpec:
     precision: str = "fp32"  # fp32 (TF32 off) | tf32 | fp16
     max_batch_size: int = 32
     layer_profile_every: int = 100  # 0 turns sampled per-layer profiling off
-    models_dir: str = "models"
+    models_dir: str = ""  # comma list searched before the shipped manifests
     cache_dir: str = ".escort-cache"  # auto-tuning decisions and prepared weights
     cuda_graphs: bool = True

@@ -182,10 +182,15 @@ def test_bad_specs_are_refused(field, value, message) -> None:
 
 
 def test_unknown_model_name_lists_the_manifests(tmp_path) -> None:
-    for name in ("resnet50-uniform90", "efficientnet-lite0"):
+    for name in ("my-net", "efficientnet-lite0"):
         (tmp_path / f"{name}.toml").write_text(f'name = "{name}"\n')
     (tmp_path / "README.md").write_text("not a manifest")
-    assert available_models(tmp_path) == ["efficientnet-lite0", "resnet50-uniform90"]
+    # The user's folder, then the shipped manifests, as one list.
+    names = available_models(tmp_path)
+    assert {"my-net", "efficientnet-lite0", "resnet50-uniform90", "vgg16-deepcompression"} <= set(
+        names
+    )
+    assert names == sorted(names) and "README" not in names
     spec = EngineSpec(
         models=("resnet-50",), backends=("dense",), device="cpu", models_dir=str(tmp_path)
     )
@@ -193,7 +198,8 @@ def test_unknown_model_name_lists_the_manifests(tmp_path) -> None:
         load_engine(spec, progress=False)
     message = str(info.value)
     assert "'resnet-50'" in message
-    assert "available: efficientnet-lite0, resnet50-uniform90" in message
+    assert "efficientnet-lite0, my-net, resnet50-skimcaffe" in message
+    assert str(tmp_path) in message
     assert isinstance(info.value, LookupError)
 
 

@@ -15,6 +15,9 @@ from service.engine.manifest import (
     WeightsSource,
     list_manifests,
     load_manifest,
+    manifest_path,
+    model_dirs,
+    shipped_models_dir,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,8 +61,30 @@ def test_the_shipped_manifests_are_listed() -> None:
     assert tuple(list_manifests(MODELS)) == SHIPPED
 
 
-def test_list_manifests_of_a_missing_folder_is_empty(tmp_path: Path) -> None:
-    assert list_manifests(tmp_path / "nowhere") == []
+def test_a_missing_folder_adds_nothing_to_the_shipped_manifests(tmp_path: Path) -> None:
+    assert list_manifests(tmp_path / "nowhere") == list_manifests() == sorted(SHIPPED)
+
+
+def test_a_user_folder_comes_before_the_shipped_one(tmp_path: Path) -> None:
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    mine.mkdir()
+    theirs.mkdir()
+    write(mine, GOOD, name="efficientnet-lite0")  # replaces the shipped manifest of that name
+    write(theirs, GOOD, name="tiny")
+    folders = f"{mine},{theirs}"
+    assert model_dirs(folders)[:2] == [mine, theirs] and len(model_dirs(folders)) == 3
+    assert manifest_path("efficientnet-lite0", folders) == mine / "efficientnet-lite0.toml"
+    assert manifest_path("tiny", folders) == theirs / "tiny.toml"
+    assert manifest_path("resnet50-uniform90", folders).parent == shipped_models_dir()
+    assert {"tiny", "efficientnet-lite0", "resnet50-uniform90"} <= set(list_manifests(folders))
+    assert load_manifest("efficientnet-lite0", folders).architecture == "resnet18"
+
+
+def test_the_shipped_manifests_are_found_from_any_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_manifest("resnet50-uniform90").name == "resnet50-uniform90"
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -316,6 +341,6 @@ def test_an_empty_label_file_is_refused(tmp_path: Path) -> None:
 
 def test_an_unknown_name_lists_the_manifests_there_are(tmp_path: Path) -> None:
     write(tmp_path, GOOD)
-    with pytest.raises(ManifestError, match=r"no such manifest file .*: tiny\)") as info:
+    with pytest.raises(ManifestError, match=r"no such manifest file .*: .*tiny.*\)") as info:
         load_manifest("huge", tmp_path)
     assert str(tmp_path / "huge.toml") in str(info.value)

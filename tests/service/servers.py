@@ -110,7 +110,13 @@ class ThreadServer:
 class ProcessServer:
     """`python -m <module>` with ESCORT_* settings in its environment, on a free port."""
 
-    def __init__(self, module: str, env: dict[str, str], ready_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        module: str,
+        env: dict[str, str],
+        ready_timeout_s: float = 120.0,
+        cwd: Path | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -125,6 +131,7 @@ class ProcessServer:
         }
         self.module = module
         self.ready_timeout_s = ready_timeout_s
+        self.cwd = cwd or REPO
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ProcessServer:
@@ -132,7 +139,7 @@ class ProcessServer:
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__
         self.proc = subprocess.Popen(
             [sys.executable, "-m", self.module],
-            cwd=REPO,
+            cwd=self.cwd,
             env=self.env,
             stdout=self.log,
             stderr=subprocess.STDOUT,

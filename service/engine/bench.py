@@ -53,6 +53,8 @@ CONFIGS: dict[str, tuple[str, str]] = {
     "auto-fp16": ("auto", "fp16"),
 }
 DEFAULT_CONFIGS = tuple(list(CONFIGS)[:7])
+# What means something on the CPU: TF32, fp16 and the cuBLAS/cuSPARSE lowerings are GPU ideas.
+CPU_CONFIGS = ("dense-fp32", "sparse-fp32", "auto-fp32")
 DEFAULT_MODELS = (
     "resnet50-uniform90",
     "resnet50-skimcaffe",
@@ -305,7 +307,9 @@ def _csv(text: str) -> tuple[str, ...]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="escort bench model", description=__doc__.splitlines()[0])
     p.add_argument("--models", type=_csv, default=DEFAULT_MODELS, help="manifest names")
-    p.add_argument("--configs", type=_csv, default=DEFAULT_CONFIGS, help=", ".join(CONFIGS))
+    p.add_argument(
+        "--configs", type=_csv, default=None, help=f"{', '.join(CONFIGS)} (default: the first 7)"
+    )
     p.add_argument("--batches", type=_csv, default=tuple(map(str, DEFAULT_BATCHES)))
     p.add_argument("--reps", type=int, default=30, help="timed runs per measurement (max)")
     p.add_argument("--budget-s", type=float, default=1.0, help="time cap per measurement (s)")
@@ -321,10 +325,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.models, args.batches, args.reps = ("resnet50-uniform90",), ("1", "8"), 10
     args.batches = tuple(int(b) for b in args.batches)
+    args.configs_given = args.configs is not None
+    args.configs = args.configs or DEFAULT_CONFIGS
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
         p.error(f"unknown config(s) {unknown}; choose from {', '.join(CONFIGS)}")
     return args
+
+
+def cpu_refusal(configs: tuple[str, ...], given: bool) -> str | None:
+    """Why a CPU run should not start, or None. The default sweep is for GPUs (35 runs of up to
+    30 s on the CPU, half of them meaningless there); CPU configs run only when asked for."""
+    cpu_ok = ", ".join(CPU_CONFIGS)
+    if not given:
+        return (
+            "no CUDA GPU here, and the default configs are for GPUs; on the CPU ask for the "
+            f"ones that mean something there: --configs {cpu_ok} (slow: sparse layers run on "
+            "the pure-torch reference)"
+        )
+    gpu_only = [c for c in configs if c not in CPU_CONFIGS]
+    if gpu_only:
+        return f"{', '.join(gpu_only)} need a CUDA GPU; on the CPU use {cpu_ok}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.replot:
         return replot(Path(args.replot))
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        refusal = cpu_refusal(args.configs, args.configs_given)
+        if refusal:
+            print(f"escort bench model: {refusal}", file=sys.stderr)
+            return 2
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     out = Path(args.out)

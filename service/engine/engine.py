@@ -270,6 +270,12 @@ class TorchEngine(Engine):
             precision=self.precision,
             source=source.source,
         )
+        if self.device.type == "cpu":
+            from service.engine.cpu_cost import cpu_reference_cost
+
+            cost = cpu_reference_cost(source.name, prepared, builts)
+            if cost is not None:
+                card["cpu_reference"] = cost
         self._descriptions[source.name] = ModelDescription(
             name=source.name,
             architecture=source.architecture,

@@ -55,3 +55,15 @@ def test_bench_cli_rejects_unknown_configs(capsys) -> None:
     assert "cudnn-int4" in capsys.readouterr().err
     args = bench.parse_args(["--quick"])
     assert args.models == ("resnet50-uniform90",) and args.batches == (1, 8)
+
+
+def test_the_cpu_refuses_the_gpu_sweep_and_gpu_configs(capsys) -> None:
+    assert bench.main(["--device", "cpu", "--models", "resnet50-uniform90"]) == 2
+    err = capsys.readouterr().err
+    assert "default configs are for GPUs" in err and "dense-fp32, sparse-fp32, auto-fp32" in err
+    assert (
+        bench.main(["--device", "cpu", "--configs", "dense-fp32,dense-tf32,im2col-cusparse"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "dense-tf32, im2col-cusparse need a CUDA GPU" in err
+    assert bench.cpu_refusal(("dense-fp32", "sparse-fp32"), given=True) is None

@@ -25,7 +25,7 @@ def _best(times: dict[str, float], configs: tuple[str, ...]) -> tuple[str, float
 
 
 def targets(rows: list[dict]) -> list[dict[str, Any]]:
-    """The anchors.md whole-model targets that these rows can decide."""
+    """The project's whole-model targets that these rows can decide."""
     out: list[dict[str, Any]] = []
     table = _times(rows)
     ours = ("sparse-fp32", "auto-fp32")
@@ -111,7 +111,7 @@ def markdown(payload: dict[str, Any]) -> str:
             )
     checks = payload.get("targets") or []
     if checks:
-        lines += ["", "## Targets (anchors.md)", ""]
+        lines += ["", "## Targets", ""]
         lines += ["| target | model | batch | value | threshold | result | note |"]
         lines += ["|---|---|---|---|---|---|---|"]
         for t in checks:

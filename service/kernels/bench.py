@@ -1,6 +1,6 @@
 """`escort bench layers`: the Escort kernel against cuDNN, lowering and the paper's code shape.
 
-For each suite layer (docs anchors), batch and sparsity it times, with CUDA events after a
+For each suite layer (docs/kernels.md), batch and sparsity it times, with CUDA events after a
 warm-up (median): the Escort kernel (configs tuned per shape), a port of the paper's sconv_shm,
 cuDNN fp32 (TF32 off), cuDNN TF32, cuDNN fp16 channels-last, im2col+cuBLAS and
 im2col+cuSPARSE. Batch 1 is timed eagerly and replayed from a CUDA graph. It writes JSON, a

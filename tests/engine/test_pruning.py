@@ -108,7 +108,7 @@ def test_published_profiles_match_the_papers() -> None:
     skim = resolve_sparsities(
         meta_model("resnet50"), PruningProfile("published", name="resnet50-skimcaffe")
     )
-    # anchors.md, SkimCaffe per block: res2 a-c, res3 a-d, res4 a-f, res5 a-c
+    # SkimCaffe's per-block profile (Park et al. 2017): res2 a-c, res3 a-d, res4 a-f, res5 a-c
     percents = [88.0, 84.0, 80.8, 91.8, 91.9, 95.5, 91.1, 96.6, 97.5, 97.1, 96.8, 96.8, 96.8]
     percents += [97.8, 98.0, 97.9]
     assert all(name.endswith(".conv2") for name in skim)

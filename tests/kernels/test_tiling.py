@@ -20,7 +20,7 @@ from service.kernels.tiling import (
 from tests.kernels.conftest import assert_matches, prune, random_case
 from tests.kernels.escort_emulator import emulate, staged_indices
 
-# The anchors' layer suite shapes: (C, K, H, kernel, stride, pad).
+# The layer suite's shapes (docs/kernels.md): (C, K, H, kernel, stride, pad).
 SUITE = [
     (64, 192, 27, 5, 1, 2),
     (192, 384, 13, 3, 1, 1),

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from service import logs
 from service.config import Settings
 from service.core.arena import SlotArena
 from service.core.messages import error_message
@@ -185,7 +186,9 @@ async def serve_engine(
         models = await dispatcher.start()
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}"
-        log.error("could not load the models: %s", reason)
+        # One line for a setting this machine cannot meet (ESCORT_DEVICE=cuda without a GPU);
+        # a traceback only for what is a bug. The workers stay quiet about it (see _prepare).
+        logs.log_failure(log, "could not load the models", exc)
         for conn in conns:
             with contextlib.suppress(OSError):
                 conn.send(("failed", reason))
@@ -214,9 +217,6 @@ def main(
     """The engine process's entry point (spawned by the supervisor)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s",
-    )
+    logs.configure(logs.ENGINE, settings.log_level)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     sys.exit(asyncio.run(serve_engine(settings, control, conns, engine_factory)))

@@ -9,6 +9,7 @@ import socket
 import sys
 from multiprocessing.connection import Connection
 
+from service import logs
 from service.app import create_app, serve
 from service.config import Settings
 from service.core.client import RemoteDispatcher
@@ -22,10 +23,7 @@ def main(settings: Settings, sock: socket.socket, conn: Connection, index: int) 
     # A process group of its own: a terminal's Ctrl-C reaches only the supervisor, which
     # passes one SIGTERM on; otherwise every worker would see two signals and stop at once.
     os.setpgrp()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s",
-    )
+    logs.configure(logs.worker_role(index), settings.log_level)
     app = None
 
     def stop() -> None:

@@ -86,6 +86,17 @@ async def _prepare(state: ServiceState, dispatcher: Dispatcher) -> None:
             state.on_load_failure()
 
 
+# Prometheus keeps its connection to one worker, so the others must refresh their process
+# metrics on their own rather than only when scraped.
+PROCESS_REFRESH_S = 5.0
+
+
+async def _refresh_process_metrics(metrics: ServiceMetrics) -> None:
+    while True:
+        metrics.refresh_process("worker")
+        await asyncio.sleep(PROCESS_REFRESH_S)
+
+
 async def _shutdown(state: ServiceState) -> None:
     state.begin_drain()
     drain_s = state.settings.drain_timeout_s
@@ -128,9 +139,11 @@ def create_app(
         app.state.service = state
         dispatcher = dispatcher_factory(settings, metrics)
         preparing = asyncio.create_task(_prepare(state, dispatcher), name="prepare-engine")
+        refreshing = asyncio.create_task(_refresh_process_metrics(metrics), name="process-metrics")
         try:
             yield
         finally:
+            refreshing.cancel()
             preparing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await preparing

@@ -102,6 +102,7 @@ class LocalDispatcher(Dispatcher):
         while True:
             try:
                 self.metrics.record_memory(self.engine.memory_stats())
+                self.metrics.refresh_process("engine")  # no-op unless this is the engine process
             except Exception:  # a gauge must never take the engine down
                 log.debug("memory_stats failed", exc_info=True)
             await asyncio.sleep(MEMORY_REFRESH_S)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -41,6 +42,32 @@ LAYER_BUCKETS_S = (
     5e-2, 0.1, 0.25, 1.0,
 )  # fmt: skip
 REJECT_REASONS = ("queue_full", "deadline", "client_disconnected", "shutting_down", "not_ready")
+# Which process of the layout a process_* sample comes from (see refresh_process).
+PROCESS_ROLES = ("engine", "worker")
+
+
+class ProcessStats(NamedTuple):
+    resident_bytes: float
+    cpu_seconds: float
+    open_fds: float
+
+
+def read_process_stats() -> ProcessStats | None:
+    """This process's resident memory, user+system CPU time and open fds, from /proc (what
+    prometheus_client's process collector reads, which multiprocess mode does not export).
+    None where there is no /proc (not Linux)."""
+    try:
+        with open("/proc/self/stat", "rb") as stat:
+            # The command name (field 2) may hold spaces: count fields after its ")".
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        with open("/proc/self/status", "rb") as status:
+            rss_kib = next(int(line.split()[1]) for line in status if line.startswith(b"VmRSS:"))
+        open_fds = len(os.listdir("/proc/self/fd"))
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu_seconds = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14, 15)
+    return ProcessStats(float(rss_kib * 1024), cpu_seconds, float(open_fds))
 
 
 def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
@@ -151,6 +178,57 @@ class ServiceMetrics:
             registry=reg,
             multiprocess_mode="livemax",
         )
+        # Per process of the layout, added up over the live processes of each role.
+        self.process_resident_memory = Gauge(
+            "escort_process_resident_memory_bytes",
+            "Resident memory of the service's processes, summed per role (engine, worker).",
+            ["role"],
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.process_cpu = Counter(
+            "escort_process_cpu_seconds",
+            "User and system CPU time of the service's processes, summed per role.",
+            ["role"],
+            registry=reg,
+        )
+        self.process_open_fds = Gauge(
+            "escort_process_open_fds",
+            "Open file descriptors of the service's processes, summed per role.",
+            ["role"],
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.processes = Gauge(
+            "escort_processes",
+            "Live processes of each role (the engine core process, the HTTP workers).",
+            ["role"],
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self._cpu_reported = 0.0
+
+    def refresh_process(self, role: str) -> None:
+        """Record this process's memory, CPU time and fds under `role` (engine or worker).
+        Cheap (three small /proc reads); call it at scrape time and every few seconds.
+
+        In one process (no PROMETHEUS_MULTIPROC_DIR) that process is both the engine and the
+        HTTP server: it reports only as `worker`, so that the two roles never count it twice."""
+        if role not in PROCESS_ROLES:
+            raise ValueError(f"role must be one of {PROCESS_ROLES}, not {role!r}")
+        if role == "engine" and not os.environ.get(MULTIPROC_DIR_VAR):
+            return
+        stats = read_process_stats()
+        if stats is None:
+            return
+        self.processes.labels(role).set(1)
+        self.process_resident_memory.labels(role).set(stats.resident_bytes)
+        self.process_open_fds.labels(role).set(stats.open_fds)
+        # A counter only goes up by deltas; this object's process started it at zero.
+        delta = stats.cpu_seconds - self._cpu_reported
+        if delta > 0:
+            self.process_cpu.labels(role).inc(delta)
+            self._cpu_reported = stats.cpu_seconds
 
     def record_memory(self, stats: Mapping[str, Mapping[str, float]]) -> None:
         """The engine's `memory_stats()`, refreshed by whoever runs the engine."""
@@ -180,6 +258,7 @@ class ServiceMetrics:
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type: this process's metrics, or every
         process's added up when the service runs as several."""
+        self.refresh_process("worker")  # the answering worker's numbers, fresh at scrape time
         folder = os.environ.get(MULTIPROC_DIR_VAR)
         if not folder:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST

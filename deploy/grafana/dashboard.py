@@ -151,6 +151,55 @@ def panels() -> list[dict]:
         _panel("table", "Layer sparsity", "Fraction of zero weights in each layer.",
                (18, 28, 6, 8), [_target(f"max by (model, layer) (escort_layer_sparsity{{{SEL}}})",
                                         "", "A", instant=True, fmt="table")], "percentunit"),
+        *health_panels(36),
+    ]  # fmt: skip
+
+
+def health_panels(y: int) -> list[dict]:
+    """Device memory, requests in flight, failed batches, and the processes themselves. Per
+    replica (instance) where one replica can be in trouble while the sum looks fine."""
+    memory = (
+        "max by (instance, device, kind) "
+        '(escort_device_memory_bytes{kind=~"allocated|reserved|total"})'
+    )
+    failures = f"sum by (model, backend) (rate(escort_batch_failures_total{{{SEL}}}[{RATE}]))"
+    per_process = (
+        "sum by (role) (escort_process_resident_memory_bytes) / sum by (role) (escort_processes)"
+    )
+    return [
+        _panel("timeseries", "Device memory by replica",
+               "The engine's memory on each device: allocated by tensors, reserved by the "
+               "caching allocator, and the device's total (alert at 90% used).",
+               (0, y, 8, 8), [_target(memory, "{{instance}} {{device}} {{kind}}", "A")], "bytes"),
+        _panel("timeseries", "In-flight requests by replica",
+               "Inference requests being handled now, over every HTTP worker of a replica.",
+               (8, y, 8, 8), [_target("sum by (instance) (escort_inflight_requests)",
+                                      "{{instance}}", "A")], "short"),
+        _panel("timeseries", "Failed engine batches per second",
+               "Batches that raised or returned a wrong number of results; every request in "
+               "them got an error. Any is worth a look at the server log.",
+               (16, y, 8, 8), [_target(failures, "{{model}} {{backend}}", "A")], "short"),
+        _panel("timeseries", "Process resident memory by role",
+               "Resident memory of the engine core process and of the HTTP workers, summed "
+               "over replicas; dashed: the mean per process.",
+               (0, y + 8, 8, 8),
+               [_target("sum by (role) (escort_process_resident_memory_bytes)", "{{role}}", "A"),
+                _target(per_process, "{{role}} per process", "B")], "bytes",
+               fieldConfig={"defaults": {"unit": "bytes"}, "overrides": [{
+                   "matcher": {"id": "byFrameRefID", "options": "B"},
+                   "properties": [{"id": "custom.lineStyle",
+                                   "value": {"fill": "dash", "dash": [10, 10]}}]}]}),
+        _panel("timeseries", "Process CPU by role (cores)",
+               "CPU time per second of the engine process and of the workers. Workers near "
+               "ESCORT_WORKERS cores: the HTTP layer, not the device, is the limit.",
+               (8, y + 8, 8, 8),
+               [_target(f"sum by (role) (rate(escort_process_cpu_seconds_total[{RATE}]))",
+                        "{{role}}", "A")], "short"),
+        _panel("timeseries", "Open file descriptors by role",
+               "Sockets, pipes and files held by the service's processes. Steady growth at "
+               "steady traffic is a leak.",
+               (16, y + 8, 8, 8),
+               [_target("sum by (role) (escort_process_open_fds)", "{{role}}", "A")], "short"),
     ]  # fmt: skip
 
 

@@ -10,6 +10,7 @@ process has answered for it, so a row is never overwritten while a copy may stil
 from __future__ import annotations
 
 import contextlib
+import gc
 import mmap
 import os
 from collections import deque
@@ -122,9 +123,18 @@ class SlotArena:
 
     def close(self, unlink: bool = False) -> None:
         self._bytes = np.empty(0, dtype=np.uint8)
-        # A row view still alive somewhere keeps the mapping; it goes with the process.
-        with contextlib.suppress(BufferError):
+        try:
             self.shm.close()
+        except BufferError:
+            # A row view is still alive, most often in the frame of a cancelled request
+            # (a reference cycle through its exception): collect those, then try again.
+            gc.collect()
+            try:
+                self.shm.close()
+            except BufferError:
+                # Still held: the mapping goes with the process. Keep SharedMemory.__del__
+                # from trying again at exit, where it would only print the same error.
+                self.shm.close = lambda: None  # type: ignore[method-assign]
         if unlink:
             with contextlib.suppress(FileNotFoundError):
                 self.shm.unlink()

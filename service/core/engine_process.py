@@ -38,6 +38,7 @@ log = logging.getLogger("escort.engine_process")
 # Lets the engine thread take the GIL back within 0.5 ms of a loop callback, instead of the
 # default 5 ms that a busy loop would make it wait at each switch.
 SWITCH_INTERVAL_S = 0.0005
+LOAD_FAILED = 3  # exit code: the models did not load (already said in one line)
 
 
 class _WorkerLink:
@@ -193,7 +194,7 @@ async def serve_engine(
             with contextlib.suppress(OSError):
                 conn.send(("failed", reason))
         await dispatcher.close()
-        return 1
+        return LOAD_FAILED
     links = [_WorkerLink(i, conn, dispatcher, models) for i, conn in enumerate(conns)]
     for link in links:
         link.send(("ready", models))

@@ -25,6 +25,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from service.config import Settings
+from service.core.engine_process import LOAD_FAILED
 from service.dispatch import EngineFactory, default_engine_factory
 from service.metrics import MULTIPROC_DIR_VAR
 
@@ -122,7 +123,10 @@ class Supervisor:
             for sentinel in ready:
                 if sentinel == engine_sentinel:
                     self.engine.join(5)
-                    if self.engine.exitcode != 0 or not self.signals:
+                    if self.engine.exitcode == LOAD_FAILED:
+                        log.info("stopping: the models did not load")
+                        self.exit_code = 1
+                    elif self.engine.exitcode != 0 or not self.signals:
                         log.error("the engine process exited (code %s)", self.engine.exitcode)
                         self.exit_code = 1
                     engine_sentinel = None
@@ -158,7 +162,7 @@ class Supervisor:
             log.error("the engine process did not stop in %.0f s", ENGINE_STOP_TIMEOUT_S)
             self.engine.kill()
             self.exit_code = 1
-        elif self.engine.exitcode not in (0, None):
+        elif self.engine.exitcode not in (0, None, LOAD_FAILED):
             self.exit_code = 1
         _mark_dead(self.engine.pid)
 

@@ -8,6 +8,7 @@ ports, mounts and settings consistently with the repository and the service's Se
 from __future__ import annotations
 
 import importlib
+import itertools
 import re
 import shutil
 import subprocess
@@ -186,9 +187,30 @@ def test_compose_ports_are_loopback_and_mounts_exist(compose: dict) -> None:
                 assert (ROOT / source).exists(), f"{name} mounts {source}, which is missing"
             else:
                 assert source in compose["volumes"], f"{name}: undeclared volume {source}"
-    # The GPU, the CPU service and the load balancer take turns on 8000 (one per profile).
-    assert published["8000"] == {"escort", "escort-cpu", "lb"}
+    assert published["8000"] == {"escort"}  # `docker compose up`, where the docs point
     assert published["8001"] == {"escort-gpu0"} and published["8002"] == {"escort-gpu1"}
+
+
+def _host_ports(service: dict) -> set[tuple[str, str]]:
+    return {tuple(port.split(":")[:2]) for port in service.get("ports", [])}
+
+
+def test_no_two_services_that_run_together_share_a_host_port(compose: dict) -> None:
+    services = compose["services"]
+    profiles = sorted({p for s in services.values() for p in s.get("profiles", [])})
+    # Every set of --profile flags, none included: a service without profiles always starts,
+    # one with profiles starts when any of them is on (also when named on the command line,
+    # which the all-profiles case covers).
+    for count in range(len(profiles) + 1):
+        for chosen in itertools.combinations(profiles, count):
+            running = [
+                name
+                for name, s in services.items()
+                if not s.get("profiles") or set(s["profiles"]) & set(chosen)
+            ]
+            for first, second in itertools.combinations(running, 2):
+                shared = _host_ports(services[first]) & _host_ports(services[second])
+                assert not shared, f"--profile {chosen}: {first} and {second} both bind {shared}"
 
 
 def test_nginx_balances_over_the_replica_services(compose: dict) -> None:

@@ -128,6 +128,15 @@ def test_service_hpa_pdb_and_monitor_point_at_the_deployment(docs: dict[str, dic
     assert annotations["prometheus.io/path"] == "/metrics"
 
 
+def test_the_hpa_alone_sets_the_replica_count(docs: dict[str, dict]) -> None:
+    # A fixed spec.replicas would fight the HPA: every `kubectl apply` would reset the count.
+    assert "replicas" not in docs["Deployment"]["spec"]
+    hpa = docs["HorizontalPodAutoscaler"]["spec"]
+    assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
+    # The PDB keeps working at the HPA's minimum: it bounds unavailability, not availability.
+    assert "maxUnavailable" in docs["PodDisruptionBudget"]["spec"]
+
+
 def test_kustomization_lists_the_core_manifests() -> None:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     resources = kustomization["resources"]

@@ -31,7 +31,17 @@ CONTRACT = {
     "escort_layer_duration_seconds": ("histogram", {"model", "backend", "layer", "op"}),
     "escort_layer_sparsity": ("gauge", {"model", "layer"}),
     "escort_model_ready": ("gauge", {"model"}),
+    "escort_batch_failures": ("counter", {"model", "backend"}),
+    "escort_inflight_requests": ("gauge", set()),
+    "escort_device_memory_bytes": ("gauge", {"device", "kind"}),
+    # Per role (engine, worker) of the process layout; docs/service.md "Metrics".
+    "escort_process_resident_memory_bytes": ("gauge", {"role"}),
+    "escort_process_cpu_seconds": ("counter", {"role"}),
+    "escort_process_open_fds": ("gauge", {"role"}),
+    "escort_processes": ("gauge", {"role"}),
 }
+# Prometheus adds these to every scraped series: per-replica panels group by instance.
+TARGET_LABELS = {"job", "instance"}
 SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
 
 
@@ -116,6 +126,12 @@ def test_dashboard_covers_the_operational_questions() -> None:
         "batch size",
         "per-layer latency, sparse against dense",
         "errors by http code",
+        "device memory",
+        "in-flight requests",
+        "failed engine batches",
+        "process resident memory",
+        "process cpu",
+        "open file descriptors",
     ):
         assert topic in titles, topic  # fmt: skip
     used = {m for _, q in dashboard_queries() for m in re.findall(r"\bescort_\w+", q)}
@@ -126,6 +142,12 @@ def test_dashboard_covers_the_operational_questions() -> None:
         "escort_batch_size_bucket",
         "escort_layer_duration_seconds_sum",
         "escort_rejected_total",
+        "escort_device_memory_bytes",
+        "escort_inflight_requests",
+        "escort_batch_failures_total",
+        "escort_process_resident_memory_bytes",
+        "escort_process_cpu_seconds_total",
+        "escort_process_open_fds",
     ):
         assert metric in used, metric  # fmt: skip
 
@@ -141,7 +163,7 @@ def test_dashboard_queries_only_exported_metrics_and_labels(source: str) -> None
         assert names, (title, query)
         for name in names:
             assert name in exported, f"{title}: {name} is not exported ({source})"
-        labels = set().union(*(exported[name] for name in names))
+        labels = set().union(*(exported[name] for name in names)) | TARGET_LABELS
         used = set()
         for group in re.findall(r"\bby \(([^)]*)\)", query):
             used |= {label.strip() for label in group.split(",")}

@@ -5,10 +5,10 @@ from ESCORT_* variables; FAKE_DELAY_S slows batches."""
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
+from service import logs
 from service.config import Settings, load_settings
 from service.core.supervisor import run_service
 from service.metrics import ServiceMetrics
@@ -24,7 +24,7 @@ def fake_engine(settings: Settings, metrics: ServiceMetrics) -> FakeEngine:
 
 def main() -> int:
     settings = load_settings()
-    logging.basicConfig(level=settings.log_level.upper())
+    logs.configure(logs.SUPERVISOR, settings.log_level)
     return run_service(settings, engine_factory=fake_engine)
 
 

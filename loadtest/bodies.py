@@ -1,16 +1,39 @@
 """Request bodies of the load test, shared by the Locust users and the wrk driver: v1 multipart
 with `image` fields, and KServe V2 binary requests (a BYTES `image` tensor of encoded photos, or
-the FP32 `input` tensor of preprocessed ones). Plain stdlib, so tests can import it without Locust.
+the FP32 `input` tensor of preprocessed ones).
+
+V2 bodies come from tritonclient's own encoder (`InferenceServerClient.generate_request_body`),
+so the load test sends what a real KServe client sends. A GPU host may lack tritonclient (its
+wheels are carried by hand); there the small built-in encoder below takes over, after one log
+line. The two give the same bytes (tests/ops/test_loadtest_bodies.py checks it). No Locust here,
+so tests can import this module.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import sys
 import uuid
 from typing import Any
 
+import numpy as np
+
 from loadtest.images import LoadImage
+
+try:
+    from tritonclient.http import InferenceServerClient, InferInput, InferRequestedOutput
+except ImportError:  # tritonclient absent, or one of its dependencies (geventhttpclient, ...)
+    ENCODER = "built-in"
+    print(
+        "loadtest: tritonclient is missing; V2 bodies come from the built-in encoder",
+        file=sys.stderr,
+        flush=True,
+    )
+else:
+    ENCODER = "tritonclient"
+
+OUTPUT = "probabilities"
 
 
 def multipart_body(images: list[LoadImage]) -> tuple[bytes, str]:
@@ -29,26 +52,46 @@ def multipart_body(images: list[LoadImage]) -> tuple[bytes, str]:
 def v2_binary_body(images: list[LoadImage], backend: str | None) -> tuple[bytes, int]:
     """A V2 request with the images as one BYTES tensor in the binary extension; returns the
     body and the length of its JSON header."""
-    raw = b"".join(struct.pack("<I", len(image.data)) + image.data for image in images)
-    return _v2_binary_body("image", [len(images)], "BYTES", raw, backend)
+    items = [image.data for image in images]
+    if ENCODER == "tritonclient":
+        return _triton_body("image", "BYTES", np.array(items, dtype=np.object_), backend)
+    raw = b"".join(struct.pack("<I", len(item)) + item for item in items)
+    return builtin_body("image", [len(items)], "BYTES", raw, backend)
 
 
 def v2_tensor_body(tensors: list[bytes], crop: int, backend: str | None) -> tuple[bytes, int]:
     """A V2 request with preprocessed images as one FP32 `input` tensor [N, 3, crop, crop]."""
+    shape = [len(tensors), 3, crop, crop]
     raw = b"".join(tensors)
-    return _v2_binary_body("input", [len(tensors), 3, crop, crop], "FP32", raw, backend)
+    if ENCODER == "tritonclient":
+        array = np.frombuffer(raw, dtype="<f4").reshape(shape)
+        return _triton_body("input", "FP32", array, backend)
+    return builtin_body("input", shape, "FP32", raw, backend)
 
 
-def _v2_binary_body(
+def _triton_body(
+    name: str, datatype: str, array: np.ndarray, backend: str | None
+) -> tuple[bytes, int]:
+    tensor = InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array, binary_data=True)
+    body, length = InferenceServerClient.generate_request_body(
+        [tensor],
+        outputs=[InferRequestedOutput(OUTPUT, binary_data=True)],
+        parameters={"backend": backend} if backend else None,
+    )
+    return body, int(length)
+
+
+def builtin_body(
     name: str, shape: list[int], datatype: str, raw: bytes, backend: str | None
 ) -> tuple[bytes, int]:
-    """One input in the binary extension, probabilities asked for as binary; returns the body
-    and the length of its JSON header."""
+    """The fallback: one input in the binary extension, probabilities asked for as binary,
+    laid out key for key as tritonclient lays it out; returns the body and its header length."""
     entry = {"name": name, "shape": shape, "datatype": datatype}
     entry["parameters"] = {"binary_data_size": len(raw)}
     header: dict[str, Any] = {
         "inputs": [entry],
-        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        "outputs": [{"name": OUTPUT, "parameters": {"binary_data": True}}],
     }
     if backend:
         header["parameters"] = {"backend": backend}

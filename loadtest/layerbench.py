@@ -85,6 +85,21 @@ def compare(
     return out
 
 
+def layer_bench_section(
+    path: str,
+    records: list[dict[str, Any]],
+    largest: list[tuple[dict[str, Any], Scrape]],
+    model: str,
+) -> dict[str, Any]:
+    """Live layer means over the largest step (each phase's, in compare mode) against `records`."""
+    live: dict[tuple[str, str, str], dict[str, float]] = {}
+    batches: dict[str, float] = {}
+    for summary, delta in largest:
+        live.update(live_layers(delta, model))
+        batches.update(summary["server"]["mean_batch_size"])
+    return {"path": path, "backends": compare(live, records, model, batches)}
+
+
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.3f}"
 

@@ -174,7 +174,7 @@ class EscortUser(FastHttpUser):
     _spawned = 0
 
     def __init__(self, environment) -> None:
-        config = PLAN.config if PLAN else LoadtestConfig()
+        config = PLAN.config if PLAN else load_config({})  # the defaults
         self.network_timeout = self.connection_timeout = config.timeout_s
         super().__init__(environment)
         # Each user its own stream of choices, the same streams on every run with one seed.

@@ -18,6 +18,9 @@ import numpy as np
 from loadtest.ceilings import ceilings_markdown
 from loadtest.layerbench import layer_bench_markdown
 from loadtest.promtext import Scrape, bucket_counts, counter_by, histogram_by, histogram_quantile
+from loadtest.summary import conclusion, series
+
+__all__ = ["series"]  # plots and scaling read the lines from here
 
 SCHEMA_VERSION = 1
 REPORT_JSON = "report.json"
@@ -156,7 +159,7 @@ def build_report(
     for step in steps:
         errors.update(step["errors"])
     layers = layer_table(run_delta, model)
-    return {
+    report = {
         "schema": SCHEMA_VERSION,
         "started_at": started_at,
         "wall_s": wall_s,
@@ -177,22 +180,10 @@ def build_report(
         "layers": layers,
         "layer_totals_ms": layer_totals(layers),
         "plots": [],
+        "plots_omitted": {},  # file name -> why it was not drawn
     }
-
-
-def series(report: dict[str, Any]) -> dict[str, list[tuple[int, dict[str, Any]]]]:
-    """(users, traffic stats) per line of the side-by-side view: a phase per backend in compare
-    mode; in mixed mode, each backend's share of the mixed steps."""
-    lines: dict[str, list[tuple[int, dict[str, Any]]]] = {}
-    for step in report["steps"]:
-        if report["mode"] == "compare":
-            lines.setdefault(step["phase"], []).append((step["users"], step))
-        elif len(step["by_backend"]) > 1:
-            for backend, stats in step["by_backend"].items():
-                lines.setdefault(backend, []).append((step["users"], stats))
-        else:
-            lines.setdefault(step["phase"], []).append((step["users"], step))
-    return lines
+    report["conclusion"] = conclusion(report)
+    return report
 
 
 def _f(value: float | None, digits: int = 1) -> str:
@@ -232,6 +223,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     out = [
         f"# Load test: {report['model']}",
         "",
+        f"**{conclusion(report)}**",
+        "",
         f"- Started {report['started_at']}, {report['wall_s']:.0f} s in all; target "
         f"{', '.join(config['urls'])}.",
         f"- Server: device {server.get('device')}, precision {server.get('precision')}, "
@@ -257,12 +250,19 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"{_mapping(srv['mean_batch_size'], 2)} | {_f(srv['mean_queue_ms'], 2)} | "
             f"{_mapping(srv['mean_compute_ms'], 2)} |"
         )
+    empty = [step for step in report["steps"] if step.get("empty_reason")]
+    if empty:
+        out += ["", "Steps without a correct answer (left out of the plots):", ""]
+        out += [f"- step {s['step'] + 1} ({s['phase']}, {s['users']} users): {s['empty_reason']}"
+                for s in empty]  # fmt: skip
     out += ["", "## Backends side by side", "", side_by_side_markdown(report)]
     out += _layers_markdown(report)
     # Sections of the wrk-era additions, present only when measured (issue 10).
     out += ceilings_markdown(report) + layer_bench_markdown(report)
-    if report["plots"]:
+    omitted = report.get("plots_omitted") or {}
+    if report["plots"] or omitted:
         out += ["## Plots", ""] + [f"![{name}]({name})" for name in report["plots"]] + [""]
+        out += [f"- `{name}` not drawn: {why}" for name, why in omitted.items()] + [""]
     return "\n".join(out)
 
 

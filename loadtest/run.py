@@ -29,10 +29,14 @@ import gevent
 from loadtest import locustfile
 from loadtest.ceilings import Sink, ceiling_entry, ceilings_section
 from loadtest.ceilings import wait_ready as wait_ceiling
-from loadtest.config import LoadtestConfig, LoadtestConfigError, load_config
+from loadtest.config import (
+    LoadtestConfig,
+    LoadtestConfigError,
+    load_config,
+    unknown_setting_warnings,
+)
 from loadtest.drivers import DistributedDriver, LocalDriver
-from loadtest.layerbench import compare as compare_layers
-from loadtest.layerbench import live_layers, load_records
+from loadtest.layerbench import layer_bench_section, load_records
 from loadtest.promtext import Scrape, delta_all, scrape_all
 from loadtest.report import (
     build_report,
@@ -41,6 +45,7 @@ from loadtest.report import (
     traffic_stats,
     write_report,
 )
+from loadtest.summary import conclusion, empty_step_reason
 from loadtest.wrk import WrkMissing, find_wrk
 from loadtest.wrksteps import WrkDriver, wrk_step_summary, wrk_traffic
 
@@ -53,22 +58,29 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def ready_problem(url: str) -> str | None:
+    """None when `url` answers 200 on /v2/health/ready, else what it said."""
+    ready = url + "/v2/health/ready"
+    try:
+        with urllib.request.urlopen(ready, timeout=5) as response:  # noqa: S310 - loopback only
+            return None if response.status == 200 else f"{ready} answered {response.status}"
+    except urllib.error.HTTPError as exc:
+        return f"{ready} answered {exc.code}"
+    except OSError as exc:
+        return f"{ready}: {exc}"
+
+
 def wait_ready(config: LoadtestConfig) -> str | None:
     """None once every target answers 200 on /v2/health/ready, else why it did not."""
     deadline = time.monotonic() + config.ready_timeout_s
     pending = list(config.urls)
     last = "no answer yet"
     while pending:
-        url = pending[0] + "/v2/health/ready"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback only
-                if response.status == 200:
-                    pending.pop(0)
-                    continue
-        except urllib.error.HTTPError as exc:
-            last = f"{url} answered {exc.code}"
-        except OSError as exc:
-            last = f"{url}: {exc}"
+        problem = ready_problem(pending[0])
+        if problem is None:
+            pending.pop(0)
+            continue
+        last = problem
         if time.monotonic() >= deadline:
             return f"not ready after {config.ready_timeout_s:.0f} s ({last})"
         gevent.sleep(0.5)
@@ -81,9 +93,9 @@ def _scrape(config: LoadtestConfig) -> list[Scrape]:
 
 def run_step(
     driver: Driver, config: LoadtestConfig, index: int, users: int, step_s: float, settle_s: float
-) -> tuple[float, list[locustfile.Sample], list[Scrape], list[Scrape]]:
-    """Ramp to `users`, settle, then measure; returns the measured window, its samples and the
-    scrapes that bracket it."""
+) -> tuple[float, list[locustfile.Sample], list[Scrape], list[Scrape], int | None]:
+    """Ramp to `users`, settle, then measure; returns the measured window, its samples, the
+    scrapes that bracket it, and the requests in flight as it closed (None: not known)."""
     step_start = time.monotonic()
     driver.spawn(users, timeout_s=max(1.0, step_s))
     gevent.sleep(max(0.0, settle_s - (time.monotonic() - step_start)))
@@ -94,9 +106,11 @@ def run_step(
     while time.monotonic() < deadline and not driver.finished():
         gevent.sleep(POLL_S)
     window_s = time.monotonic() - window_start
+    # Only this process's users are counted; workers' (LOADTEST_PROCESSES > 1) are not.
+    inflight = driver.plan.inflight if isinstance(driver, LocalDriver) else None
     samples = driver.close(index)
     after = _scrape(config)
-    return window_s, samples, before, after
+    return window_s, samples, before, after, inflight
 
 
 def locust_rate(
@@ -204,6 +218,7 @@ def run(config: LoadtestConfig) -> int:
         for phase in phases:
             for users in config.users:
                 index, name = len(steps), phase or "mixed"
+                inflight = None
                 if isinstance(driver, WrkDriver):
                     specs = driver.specs(phase)
                     result, before, after = driver.step(
@@ -213,7 +228,7 @@ def run(config: LoadtestConfig) -> int:
                     summary = wrk_step_summary(index, name, users, result, delta, plan.model, specs)
                 else:
                     driver.prepare(budget, phase)
-                    window_s, samples, before, after = run_step(
+                    window_s, samples, before, after, inflight = run_step(
                         driver, config, index, users, step_s, settle_s
                     )
                     delta = delta_all(before, after)
@@ -230,6 +245,10 @@ def run(config: LoadtestConfig) -> int:
                     f"p50 {lat['p50'] or 0:.1f} ms, p99 {lat['p99'] or 0:.1f} ms, "
                     f"errors {summary['errors'] or 'none'}"
                 )
+                if summary["ok"] == 0:  # say why, here and in the report
+                    not_ready = next(filter(None, map(ready_problem, config.urls)), None)
+                    summary["empty_reason"] = empty_step_reason(summary, inflight, not_ready)
+                    log(f"    no correct answer: {summary['empty_reason']}")
     except (RuntimeError, OSError) as exc:  # wrk failed, or the sink or null server did
         log(f"loadtest: {exc}")
         return 1
@@ -265,6 +284,9 @@ def run(config: LoadtestConfig) -> int:
         report["plots"] = write_plots(report, config.out, config.plot_layers)
     json_path, md_path = write_report(report, config.out)
     print(side_by_side_markdown(report))
+    log(f"loadtest: {conclusion(report)}")
+    for name, why in report["plots_omitted"].items():
+        log(f"loadtest: {name} not drawn: {why}")
     log(f"loadtest: report in {md_path} and {json_path}")
     totals = report["totals"]
     log(json.dumps({"requests": totals["requests"], "ok": totals["ok"],
@@ -272,25 +294,12 @@ def run(config: LoadtestConfig) -> int:
     return 0 if totals["ok"] > 0 else 1
 
 
-def layer_bench_section(
-    path: str,
-    records: list[dict[str, Any]],
-    largest: list[tuple[dict[str, Any], Scrape]],
-    model: str,
-) -> dict[str, Any]:
-    """Live layer means over the largest step (each phase's, in compare mode) against `records`."""
-    live: dict[tuple[str, str, str], dict[str, float]] = {}
-    batches: dict[str, float] = {}
-    for summary, delta in largest:
-        live.update(live_layers(delta, model))
-        batches.update(summary["server"]["mean_batch_size"])
-    return {"path": path, "backends": compare_layers(live, records, model, batches)}
-
-
 def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    for line in unknown_setting_warnings():
+        log(f"loadtest: warning: {line}")
     try:
         config = load_config()
     except LoadtestConfigError as exc:

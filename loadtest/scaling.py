@@ -28,7 +28,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from loadtest.config import LoadtestConfigError, load_config
+from loadtest.config import (
+    LoadtestConfigError,
+    load_config,
+    load_settings,
+    unknown_setting_warnings,
+)
 
 SCALING_JSON = "scaling.json"
 SCALING_MD = "scaling.md"
@@ -197,20 +202,19 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    for line in unknown_setting_warnings():
+        log(f"scaling: warning: {line}")
     try:
         config = load_config()
-        gpus = int(os.environ.get("LOADTEST_GPUS", "2"))
-        mode = os.environ.get("LOADTEST_SCALING_MODE", "replicas").strip()
-        if gpus < 2 or mode not in ("replicas", "one-process"):
-            raise LoadtestConfigError("LOADTEST_GPUS must be 2 or more; LOADTEST_SCALING_MODE "
-                                      "replicas or one-process")  # fmt: skip
-    except (LoadtestConfigError, ValueError) as exc:
+        typed = load_settings()  # LOADTEST_GPUS, _SCALING_MODE, _BASE_PORT, _SERVER_CMD
+    except LoadtestConfigError as exc:
         log(f"scaling: {exc}")
         return 2
+    gpus, mode = typed.gpus, typed.scaling_mode
     settings = {
         "mode": mode,
-        "base_port": int(os.environ.get("LOADTEST_BASE_PORT", "8001")),
-        "command": os.environ.get("LOADTEST_SERVER_CMD", f"{sys.executable} -m service.cli serve"),
+        "base_port": typed.base_port,
+        "command": typed.server_cmd or f"{sys.executable} -m service.cli serve",
         "users": config.users,
         "ready_timeout_s": config.ready_timeout_s,
     }

@@ -4,6 +4,7 @@ a callable of the photos, expected status, words the error must contain)."""
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 from collections.abc import Iterator
 
@@ -12,11 +13,31 @@ from PIL import Image
 
 from tests.service.fakes import FAKE_MODEL, encode_image, marked_tensor
 from tests.service.test_preprocess import png_with_size
-from tests.v2_bodies import binary_body, tensor_body
+from tests.v2_bodies import binary_tensor_request, bytes_input, request, tensor_body
 
 V1 = f"/v1/models/{FAKE_MODEL}/classify"
 V2 = f"/v2/models/{FAKE_MODEL}/infer"
 LIMIT_BYTES = 2_000_000
+
+
+def binary_body(header: dict, blob: bytes, length: int | None = None) -> dict:
+    """A binary-extension body written by hand, for the malformed ones no client would encode
+    (sizes that disagree, a wrong header length); `length` overrides the declared one."""
+    head = json.dumps(header).encode()
+    declared = len(head) if length is None else length
+    return {
+        "content": head + blob,
+        "headers": {
+            "Inference-Header-Content-Length": str(declared),
+            "Content-Type": "application/octet-stream",
+        },
+    }
+
+
+def as_kwargs(body_and_headers: tuple[bytes, dict[str, str]]) -> dict:
+    """A tritonclient-encoded body as keyword arguments for an HTTP client's post()."""
+    content, headers = body_and_headers
+    return {"content": content, "headers": headers}
 
 
 def binary_input(name: str, datatype: str, shape: list[int], size: int) -> dict:
@@ -179,7 +200,7 @@ CASES = [
     ("v2-json-array", "POST", V2, {"json": [1, 2, 3]}, 422, "JSON object"),
     ("v2-missing-inputs", "POST", V2, {"json": {"outputs": []}}, 422, "inputs"),
     ("v2-empty-inputs", "POST", V2, {"json": {"inputs": []}}, 422, "inputs"),
-    ("v2-id-not-string", "POST", V2, {"json": tensor_body(ONE, id=7)}, 422, "id"),
+    ("v2-id-not-string", "POST", V2, {"json": {**tensor_body(ONE), "id": 7}}, 422, "id"),
     (
         "v2-wrong-shape",
         "POST",
@@ -273,7 +294,7 @@ CASES = [
         "v2-nan-binary",
         "POST",
         V2,
-        binary_body(binary_input("input", "FP32", [1, 3, 32, 32], NAN.nbytes), NAN.tobytes()),
+        as_kwargs(binary_tensor_request(NAN)),
         400,
         "NaN",
     ),
@@ -359,9 +380,7 @@ CASES = [
         "v2-bytes-corrupt-image",
         "POST",
         V2,
-        binary_body(
-            binary_input("image", "BYTES", [1], 8), struct.pack("<I", 4) + b"\xff\xd8\xff\x00"
-        ),
+        as_kwargs(request([bytes_input([b"\xff\xd8\xff\x00"])])),
         400,
         "not a readable image",
     ),
@@ -393,7 +412,7 @@ CASES = [
         "v2-unknown-output",
         "POST",
         V2,
-        {"json": tensor_body(ONE, outputs=[{"name": "logits"}])},
+        {"json": tensor_body(ONE, output="logits")},
         400,
         "unknown output",
     ),
@@ -402,9 +421,10 @@ CASES = [
         "POST",
         V2,
         {
-            "json": tensor_body(
-                ONE, outputs=[{"name": "probabilities", "parameters": {"classification": "three"}}]
-            )
+            "json": {
+                **tensor_body(ONE),
+                "outputs": [{"name": "probabilities", "parameters": {"classification": "three"}}],
+            }
         },
         422,
         "classification",
@@ -421,7 +441,7 @@ CASES = [
         "v2-timeout-not-int",
         "POST",
         V2,
-        {"json": tensor_body(ONE, parameters={"timeout": "soon"})},
+        {"json": tensor_body(ONE, timeout="soon")},
         422,
         "timeout",
     ),

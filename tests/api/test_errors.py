@@ -109,7 +109,7 @@ def test_engine_failure_is_a_500_and_the_server_recovers(
 def test_deadline_is_a_504(fake_engine: FakeEngine) -> None:
     fake_engine.delay_s = 0.5
     with ThreadServer(fake_engine) as server, server.client() as http:
-        response = http.post(V2, json=tensor_body(ONE, parameters={"timeout": 100_000}))
+        response = http.post(V2, json=tensor_body(ONE, timeout=100_000))
         assert response.status_code == 504 and "deadline" in response.json()["error"]
     fake_engine.delay_s = 0.0
     fake_engine.delay_s = 0.3

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from service.preprocess import preprocess_image
 from tests.service.fakes import FAKE_LABELS, FAKE_MODEL, FAKE_PREPROCESSING, FakeEngine
-from tests.v2_bodies import binary_request
+from tests.v2_bodies import binary_tensor_request, bytes_input, request
 
 INFER = f"/v2/models/{FAKE_MODEL}/infer"
 
@@ -21,10 +21,6 @@ INFER = f"/v2/models/{FAKE_MODEL}/infer"
 def split_binary_response(response) -> tuple[dict, bytes]:
     length = int(response.headers["Inference-Header-Content-Length"])
     return json.loads(response.content[:length]), response.content[length:]
-
-
-def length_prefixed(items: list[bytes]) -> bytes:
-    return b"".join(struct.pack("<I", len(item)) + item for item in items)
 
 
 def image_truth(engine: FakeEngine, images: list[bytes]) -> np.ndarray:
@@ -85,19 +81,7 @@ def test_json_tensor_round_trip(client: TestClient, fake_engine: FakeEngine) -> 
 def test_binary_tensor_round_trip(client: TestClient, fake_engine: FakeEngine, dtype: str) -> None:
     np_dtype = {"FP32": "<f4", "FP16": "<f2"}[dtype]
     tensor = np.random.default_rng(2).uniform(-1, 1, size=(2, 3, 32, 32)).astype(np_dtype)
-    raw = tensor.tobytes()
-    header = {
-        "inputs": [
-            {
-                "name": "input",
-                "shape": [2, 3, 32, 32],
-                "datatype": dtype,
-                "parameters": {"binary_data_size": len(raw)},
-            }
-        ],
-        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
-    }
-    body, headers = binary_request(header, [raw])
+    body, headers = binary_tensor_request(tensor, dtype)  # probabilities asked for in binary
     response = client.post(INFER, content=body, headers=headers)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/octet-stream"
@@ -113,19 +97,9 @@ def test_binary_images_and_binary_data_output(
     client: TestClient, fake_engine: FakeEngine, photos: dict[str, bytes]
 ) -> None:
     images = [photos["cat.jpg"], photos["astronaut.png"], photos["rocket.jpg"]]
-    raw = length_prefixed(images)
-    header = {
-        "inputs": [
-            {
-                "name": "image",
-                "shape": [3],
-                "datatype": "BYTES",
-                "parameters": {"binary_data_size": len(raw)},
-            }
-        ],
-        "parameters": {"binary_data_output": True, "backend": "dense"},
-    }
-    body, headers = binary_request(header, [raw])
+    # No outputs named: tritonclient then sets `binary_data_output` for all of them.
+    body, headers = request([bytes_input(images)], output=None, parameters={"backend": "dense"})
+    assert b'"binary_data_output":true' in body[: int(headers["Inference-Header-Content-Length"])]
     response = client.post(INFER, content=body, headers=headers)
     assert response.status_code == 200, response.text
     head, blob = split_binary_response(response)

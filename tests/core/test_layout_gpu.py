@@ -12,7 +12,7 @@ import pytest
 
 from tests.core.test_layout import probabilities
 from tests.service.servers import ProcessServer
-from tests.v2_bodies import binary_request, tensor_body
+from tests.v2_bodies import binary_tensor_request, tensor_body
 
 pytestmark = pytest.mark.gpu
 
@@ -59,13 +59,7 @@ def test_batched_answers_equal_single_answers(server: ProcessServer) -> None:
 
 def test_fp16_rows_match_fp32_rows_of_the_same_values(server: ProcessServer) -> None:
     half = rows(4, seed=2).astype(np.float16)
-    entry = {"name": "input", "shape": list(half.shape), "datatype": "FP16"}
-    entry["parameters"] = {"binary_data_size": half.nbytes}
-    header = {
-        "inputs": [entry],
-        "outputs": [{"name": "probabilities", "parameters": {"binary_data": False}}],
-    }
-    body, headers = binary_request(header, [half.tobytes()])
+    body, headers = binary_tensor_request(half, "FP16", binary_output=False)
     with server.client() as http:
         response = http.post(V2, content=body, headers=headers)
         assert response.status_code == 200, response.text

@@ -254,8 +254,12 @@ def test_report_files_and_plots(tmp_path: Path) -> None:
         assert_png(tmp_path / name)
     empty = {**report, "layers": [], "layer_totals_ms": {}}
     assert "No layer samples" in to_markdown(empty)
-    write_plots(empty, tmp_path / "empty")
-    assert_png(tmp_path / "empty" / "layers_sparse_vs_dense.png")
+    # No layer data: no layer plot (not an empty frame), and the report says why.
+    assert write_plots(empty, tmp_path / "empty") == ["latency_vs_concurrency.png",
+                                                      "throughput_vs_concurrency.png"]  # fmt: skip
+    assert not (tmp_path / "empty" / "layers_sparse_vs_dense.png").exists()
+    assert "ESCORT_LAYER_PROFILE_EVERY" in empty["plots_omitted"]["layers_sparse_vs_dense.png"]
+    assert "`layers_sparse_vs_dense.png` not drawn: no per-layer samples" in to_markdown(empty)
 
 
 def test_plots_can_be_drawn_later_from_the_json(tmp_path: Path) -> None:

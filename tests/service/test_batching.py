@@ -233,6 +233,15 @@ class PipelinedFake:
 
         return self.count, self.device.submit(run)
 
+    def queue(self) -> tuple[BatchQueue, ServiceMetrics]:
+        """A pipelined BatchQueue over this fake, batches of 4."""
+        metrics = ServiceMetrics(max_batch_size=4)
+        queue = BatchQueue(
+            FAKE_MODEL, "sparse", self.engine.infer_rows, metrics, max_batch_size=4,
+            max_batch_delay_ms=5.0, max_queue_size=64, launch=self.launch, collect=self.collect,
+        )  # fmt: skip
+        return queue, metrics
+
     def collect(self, model: str, backend: str, launched) -> np.ndarray:
         number, future = launched
         result = future.result()
@@ -244,11 +253,7 @@ def test_a_full_next_batch_launches_while_one_is_on_the_device() -> None:
     fake = PipelinedFake(FakeEngine(), device_s=0.1)
 
     async def scenario() -> float:
-        metrics = ServiceMetrics(max_batch_size=4)
-        queue = BatchQueue(
-            FAKE_MODEL, "sparse", fake.engine.infer_rows, metrics, max_batch_size=4,
-            max_batch_delay_ms=5.0, max_queue_size=64, launch=fake.launch, collect=fake.collect,
-        )  # fmt: skip
+        queue, metrics = fake.queue()
         queue.start()
         tensors = [marked_tensor(i / 20) for i in range(16)]
         started = time.monotonic()
@@ -279,11 +284,7 @@ def test_a_partial_batch_waits_for_the_device_instead_of_launching_early() -> No
     fake = PipelinedFake(FakeEngine(), device_s=0.1)
 
     async def scenario() -> None:
-        metrics = ServiceMetrics(max_batch_size=4)
-        queue = BatchQueue(
-            FAKE_MODEL, "sparse", fake.engine.infer_rows, metrics, max_batch_size=4,
-            max_batch_delay_ms=5.0, max_queue_size=64, launch=fake.launch, collect=fake.collect,
-        )  # fmt: skip
+        queue, metrics = fake.queue()
         queue.start()
         first = [asyncio.ensure_future(queue.submit(marked_tensor(0.1), later(10)))
                  for _ in range(4)]  # fmt: skip

@@ -3,11 +3,15 @@ fake engine in the engine process, over real HTTP."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -125,3 +129,76 @@ def test_sigterm_drains_every_worker() -> None:
             codes = [f.result(timeout=60).status_code for f in futures]
         assert codes == [200] * 9
         assert server.wait(60) == 0, server.output()
+
+
+def _children(pid: int) -> list[int]:
+    path = f"/proc/{pid}/task/{pid}/children"
+    try:
+        with open(path) as handle:
+            return [int(p) for p in handle.read().split()]
+    except OSError:
+        return []
+
+
+def _role(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc")
+def test_a_dead_worker_takes_the_service_down_with_exit_code_1() -> None:
+    env = {"ESCORT_MODELS": FAKE_MODEL, "ESCORT_BACKENDS": "sparse", "ESCORT_WORKERS": "2"}
+    with ProcessServer("tests.service.fake_server", env) as server:
+        assert server.proc is not None
+        spawned = [p for p in _children(server.proc.pid) if "spawn_main" in _role(p)]
+        assert len(spawned) == 3  # the engine process and two workers
+        os.kill(spawned[-1], signal.SIGKILL)  # the last one started: a worker
+        assert server.wait(60) == 1, server.output()
+        assert "exited (code -9)" in server.output()
+        for pid in spawned:  # nothing is left behind
+            assert not os.path.exists(f"/proc/{pid}") or "zombie" in _status(pid)
+
+
+def _status(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            return handle.read().lower()
+    except OSError:
+        return "zombie"
+
+
+def test_clients_that_leave_free_their_slots() -> None:
+    env = {
+        "ESCORT_MODELS": FAKE_MODEL,
+        "ESCORT_BACKENDS": "sparse",
+        "ESCORT_WORKERS": "1",
+        "ESCORT_WORKER_SLOTS": "8",
+        "ESCORT_MAX_BATCH_SIZE": "1",
+        "FAKE_DELAY_S": "0.2",
+    }
+    with ProcessServer("tests.service.fake_server", env) as server:
+        with ThreadPoolExecutor(8) as pool:
+
+            def leave(i: int) -> None:
+                with (
+                    httpx.Client(base_url=server.url, timeout=0.3) as http,
+                    contextlib.suppress(httpx.TimeoutException),
+                ):
+                    http.post(V2, json=tensor_body(marked_tensor(i / 10)))
+
+            list(pool.map(leave, range(8)))  # each gives up while its row waits
+        # Every slot comes back once the engine answers for the rows it dropped: a request
+        # that needs all eight of them is served.
+        deadline = time.monotonic() + 10
+        with server.client() as http:
+            while True:
+                response = http.post(V2, json=tensor_body(marked_tensor(0.5, rows=8)))
+                if response.status_code == 200 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert response.status_code == 200, response.text
+            text = http.get("/metrics").text
+        assert total(text, "escort_rejected_total", reason="client_disconnected") >= 1

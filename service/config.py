@@ -134,6 +134,11 @@ class Settings(BaseSettings):
         description="Images each HTTP worker can have in flight (shared-memory slots, one "
         "preprocessed image each); beyond it requests get 503.",
     )
+    image_decode: Literal["workers", "engine"] = Field(
+        "workers",
+        description="Where JPEG photos are decoded: workers (Pillow, in the HTTP worker "
+        "processes) or engine (torchvision, batched on the engine's device, nvJPEG on a GPU).",
+    )
     engine: Literal["torch", "null"] = Field(
         "torch",
         description="torch runs the models; null answers uniform probabilities without "

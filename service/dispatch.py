@@ -58,6 +58,10 @@ class Dispatcher(ABC):
         [N, classes]. `deadline` is a time.monotonic() value (one clock for every process of
         a host). Raises the ServiceErrors of the batcher: queue full, deadline, shutdown."""
 
+    def row_capacity(self) -> int | None:
+        """The most bytes one row may take on its way to the engine (None: no limit)."""
+        return None
+
     @abstractmethod
     async def totals(self, model: str) -> BatchTotals:
         """Batches, images, queue and compute time of the model so far."""

@@ -141,6 +141,32 @@ def normalize(image: Image.Image, spec: Preprocessing) -> np.ndarray:
     return np.ascontiguousarray(chw)
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
+def engine_decodable(data: bytes, max_pixels: int, max_bytes: int | None) -> bool:
+    """True when the engine can decode this photo itself and get what `preprocess_image`
+    would (ESCORT_IMAGE_DECODE=engine): a JPEG, RGB or gray, upright (no EXIF rotation),
+    within the pixel limit and the row size. Reads the header only; anything else is decoded
+    here, where every format and mode is handled."""
+    if max_bytes is not None and len(data) > max_bytes:
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=("JPEG",))
+        width, height = image.size
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:
+        return False  # not a JPEG, or a header Pillow refuses: the workers' path says why
+    return (
+        image.format == "JPEG"
+        and image.mode in ("RGB", "L")
+        and 0 < width * height <= max_pixels
+        and orientation == 1
+    )
+
+
 def preprocess_image(data: bytes, spec: Preprocessing, max_pixels: int) -> np.ndarray:
     """Encoded image bytes to the model's float32 [3, crop, crop] input."""
     image = open_image(data, max_pixels)

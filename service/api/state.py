@@ -20,6 +20,7 @@ from service.config import Settings
 from service.dispatch import BatchTotals, Dispatcher
 from service.engine.protocol import ModelDescription
 from service.errors import (
+    BadImageError,
     BadInputError,
     ModelNotFoundError,
     NotReadyError,
@@ -27,7 +28,7 @@ from service.errors import (
     UnknownBackendError,
 )
 from service.metrics import ServiceMetrics
-from service.preprocess import Preprocessor
+from service.preprocess import Preprocessor, engine_decodable
 
 
 @dataclass
@@ -173,8 +174,37 @@ class ServiceState:
         self._check_count(len(images))
         dispatcher = self._dispatcher(model)
         async with self._outcome(model.name):
+            if self._decode_in_engine(model, dispatcher, images):
+                return await self._classify_encoded(model, backend, images, deadline, dispatcher)
             batch = await self.preprocessor.images_to_batch(model.name, images, model.preprocessing)
             return await dispatcher.submit(model.name, backend, batch, deadline)
+
+    def _decode_in_engine(
+        self, model: ModelDescription, dispatcher: Dispatcher, images: list[bytes]
+    ) -> bool:
+        if self.settings.image_decode != "engine" or not model.decodes_images:
+            return False
+        limit, capacity = self.settings.max_image_pixels, dispatcher.row_capacity()
+        return all(engine_decodable(data, limit, capacity) for data in images)
+
+    async def _classify_encoded(
+        self,
+        model: ModelDescription,
+        backend: str,
+        images: list[bytes],
+        deadline: float,
+        dispatcher: Dispatcher,
+    ) -> np.ndarray:
+        """The photos go to the engine encoded; it decodes them in its batch, on its device."""
+        rows = [np.frombuffer(data, dtype=np.uint8) for data in images]
+        probabilities = await dispatcher.submit(model.name, backend, rows, deadline)
+        failed = np.flatnonzero(np.isnan(probabilities).any(axis=1))
+        if failed.size:
+            where = f"image {failed[0] + 1}: " if len(images) > 1 else ""
+            raise BadImageError(
+                f"{where}image data is truncated or corrupt (the JPEG did not decode)"
+            )
+        return probabilities
 
     async def classify_tensor(
         self, model: ModelDescription, backend: str, tensor: np.ndarray, deadline: float

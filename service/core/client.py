@@ -107,7 +107,9 @@ class RemoteDispatcher(Dispatcher):
         call.future.add_done_callback(_retrieve)
         self._calls[request_id] = call
         dtype = np.dtype(rows[0].dtype).str
-        self._send(("infer", request_id, model, backend, slots, dtype, deadline))
+        # Encoded photos (1-D, ESCORT_IMAGE_DECODE=engine) vary in length; tensors do not.
+        lengths = [len(row) for row in rows] if rows[0].ndim == 1 else None
+        self._send(("infer", request_id, model, backend, slots, dtype, deadline, lengths))
         try:
             async with asyncio.timeout_at(_loop_time(self._loop, deadline + ENGINE_GRACE_S)):
                 return await asyncio.shield(call.future)
@@ -119,6 +121,9 @@ class RemoteDispatcher(Dispatcher):
         except asyncio.CancelledError:
             self._send(("cancel", request_id))  # the client went away: drop its rows
             raise
+
+    def row_capacity(self) -> int | None:
+        return self._arena.in_bytes if self._arena is not None else 0
 
     async def totals(self, model: str) -> BatchTotals:
         if not self._alive or self._loop is None:

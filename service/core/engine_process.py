@@ -78,9 +78,9 @@ class _WorkerLink:
     def handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "infer":
-            _, request_id, model, backend, slots, dtype, deadline = message
+            _, request_id, model, backend, slots, dtype, deadline, lengths = message
             task = asyncio.get_running_loop().create_task(
-                self._infer(request_id, model, backend, slots, dtype, deadline)
+                self._infer(request_id, model, backend, slots, dtype, deadline, lengths)
             )
             self.tasks[request_id] = task
         elif kind == "cancel":
@@ -115,12 +115,14 @@ class _WorkerLink:
         slots: list[int],
         dtype: str,
         deadline: float,
+        lengths: list[int] | None,
     ) -> None:
         try:
             desc = self.models[model]
             if self.arena is None:
                 raise EngineFailureError("the worker sent rows before its arena")
-            rows = [self.arena.row(slot, dtype, desc.input_shape) for slot in slots]
+            shapes = [(n,) for n in lengths] if lengths else [desc.input_shape] * len(slots)
+            rows = [self.arena.row(s, dtype, shape) for s, shape in zip(slots, shapes, strict=True)]
             outputs = await self.dispatcher.submit(model, backend, rows, deadline)
             del rows  # views into the arena: none may outlive the answer
             outputs = np.asarray(outputs, dtype=np.float32)

@@ -4,7 +4,8 @@ Each is a small tuple whose first item names it; rows and outputs never travel i
 stay in the worker's SlotArena). Small messages are written to a pipe in one atomic write.
 
 worker -> engine: ("hello", arena_name, slots, in_bytes, out_bytes)
-                  ("infer", request_id, model, backend, slots, dtype, deadline)
+                  ("infer", request_id, model, backend, slots, dtype, deadline, lengths)
+                  (lengths: None for tensor rows, byte counts for encoded photos)
                   ("cancel", request_id)
                   ("totals", request_id, model)
 engine -> worker: ("ready", {model: ModelDescription}) or ("failed", reason)

@@ -252,6 +252,7 @@ class TorchEngine(Engine):
                 cuda_graphs=spec.cuda_graphs,
                 profile_every=spec.layer_profile_every,
                 observer=observer,
+                preprocessing=source.preprocessing,
             )
             runners[backend] = runner
             runner.warm()
@@ -287,6 +288,7 @@ class TorchEngine(Engine):
             precision=self.precision,
             card=card,
             layer_sparsity=layer_sparsity(prepared),
+            decodes_images=True,
         )
 
     # ------------------------------------------------------------ Engine

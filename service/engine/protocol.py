@@ -46,6 +46,9 @@ class ModelDescription:
     card: dict[str, Any] = field(default_factory=dict)
     # layer name -> fraction of zero weights, exported as escort_layer_sparsity.
     layer_sparsity: dict[str, float] = field(default_factory=dict)
+    # True when the engine takes encoded JPEG photos as rows (1-D uint8) and decodes and
+    # prepares them itself, batched on its device (ESCORT_IMAGE_DECODE=engine).
+    decodes_images: bool = False
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -71,7 +74,9 @@ class Engine(ABC):
 
     def infer_rows(self, model: str, backend: str, rows: Sequence[np.ndarray]) -> np.ndarray:
         """`infer` on rows [3, H, W] that are not one array (views into shared memory, say).
-        Engines that copy rows to a device themselves override this to skip the stacking."""
+        Engines that copy rows to a device themselves override this to skip the stacking.
+        Where the model's description says `decodes_images`, a row may also be an encoded
+        JPEG (1-D uint8); one that does not decode answers a row of NaN."""
         return self.infer(model, backend, np.stack(rows))
 
     # True when launch_rows returns before the batch is done (so batching may overlap two).

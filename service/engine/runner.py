@@ -13,16 +13,17 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from service.engine.assemble import BuiltModel
 from service.engine.backends import set_precision_flags
+from service.engine.decode import decode_rows, is_encoded
 from service.engine.errors import BadBatchError
 from service.engine.profiler import LayerProfiler
-from service.engine.protocol import LayerObserver
+from service.engine.protocol import LayerObserver, Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,11 @@ class Runner:
         profile_every: int = 0,
         observer: LayerObserver | None = None,
         probabilities: bool = True,
+        preprocessing: Preprocessing | None = None,
     ) -> None:
         self.built = built
+        # Set when rows may be encoded JPEG photos to decode here (ESCORT_IMAGE_DECODE=engine).
+        self.preprocessing = preprocessing
         self.module = built.module
         self.model_name = model_name
         self.backend = built.backend
@@ -200,6 +204,8 @@ class Runner:
                 f"batch of {len(rows)} exceeds max_batch_size {self.max_batch_size}"
             )
         for row in rows:
+            if self.preprocessing is not None and isinstance(row, np.ndarray) and is_encoded(row):
+                continue  # an encoded photo, decoded on the device (service/engine/decode.py)
             if not isinstance(row, np.ndarray) or row.dtype not in (np.float32, np.float16):
                 kind = getattr(row, "dtype", type(row).__name__)
                 raise BadBatchError(f"input must be float32 or float16 rows, got {kind}")
@@ -222,9 +228,6 @@ class Runner:
         the copy stream, into a staging buffer of their own, while the batch launched before
         it may still replay; `collect` waits for the answer. Two batches may be in flight."""
         self.check_rows(rows)
-        if not self.cuda:
-            stacked = np.stack(rows) if len(rows) else np.zeros((0, *self.input_shape))
-            return self._launch(stacked)
         return self._launch(rows)
 
     def collect(self, launched: Launched) -> np.ndarray:
@@ -233,6 +236,8 @@ class Runner:
             assert launched.done is not None and launched.host is not None
             launched.done.synchronize()
             launched.result = launched.host.numpy().copy()
+            # A photo that did not decode answers NaN: the service turns it into a 400.
+            launched.result[launched.failed] = np.nan
         return launched.result
 
     def _launch(self, batch: Sequence[np.ndarray]) -> Launched:
@@ -252,14 +257,15 @@ class Runner:
             if self.cuda:
                 launched, records = self._launch_cuda(batch, profile)
             else:
-                # A copy: callers may hand read-only views of request bodies.
-                x = torch.from_numpy(np.array(batch, dtype=np.float32))
+                x, failed = self._cpu_batch(batch)
                 with self.context():
                     if profile:
                         out, records = self.profiler.run(lambda: self.forward(x))
                     else:
                         out = self.forward(x)
-                launched = Launched(result=out.numpy().copy())
+                result = out.numpy().copy()
+                result[failed] = np.nan
+                launched = Launched(result=result)
         self._report(records)
         return launched
 
@@ -274,7 +280,7 @@ class Runner:
         records: list = []
         with self.context():
             with torch.cuda.stream(self.copy_stream):
-                stage = self._stage(slot, batch)
+                stage, failed = self._stage(slot, batch)
                 staged = torch.cuda.Event()
                 staged.record(self.copy_stream)
             self.stream.wait_event(staged)
@@ -290,31 +296,66 @@ class Runner:
                 # After the batch, on its own static input, on the same stream: the sampled
                 # pass never changes what the batch computes or returns.
                 records = self.profiler.run(lambda: self.forward(static))[1]
-        return Launched(done=done, host=host), records
+        return Launched(done=done, host=host, failed=failed), records
 
-    def _stage(self, slot: int, batch: Sequence[np.ndarray]) -> torch.Tensor:
-        """Copy the batch's rows to the device (on the current stream, the copy stream);
-        returns the device buffer that holds them."""
+    def _stage(self, slot: int, batch: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[int]]:
+        """Copy the batch's rows to the device (on the current stream, the copy stream), and
+        decode its encoded photos there; returns the device buffer that holds the batch and the
+        indices of photos that did not decode."""
         n = len(batch)
-        if not isinstance(batch, np.ndarray) and all(_is_pinned(row) for row in batch):
-            dtypes = {row.dtype for row in batch}
+        if isinstance(batch, np.ndarray):
+            host_np = self._host_in_np[slot]
+            host_np[:n] = batch  # numpy casts float16 <-> float32 as needed
+            stage = self._device_stage(slot, host_np.dtype)
+            stage[:n].copy_(self._host_in[slot][:n], non_blocking=True)
+            return stage, []
+        encoded = [i for i, row in enumerate(batch) if is_encoded(row)]
+        floats = [i for i in range(n) if not is_encoded(batch[i])]
+        if floats and all(_is_pinned(batch[i]) for i in floats):
+            dtypes = {batch[i].dtype for i in floats}
             only = next(iter(dtypes)) if len(dtypes) == 1 else np.dtype(np.float32)
             stage = self._device_stage(slot, only)
-            for i, row in enumerate(batch):
-                host = torch.from_numpy(row)
+            for i in floats:
+                host = torch.from_numpy(batch[i])
                 if host.dtype != stage.dtype:  # a mixed batch: cast this row on the host
                     host = host.to(stage.dtype)
                 stage[i].copy_(host, non_blocking=True)
-            return stage
-        host_np = self._host_in_np[slot]
-        if isinstance(batch, np.ndarray):
-            host_np[:n] = batch  # numpy casts float16 <-> float32 as needed
+        elif floats:
+            host_np = self._host_in_np[slot]
+            for i in floats:
+                host_np[i] = batch[i]
+            stage = self._device_stage(slot, host_np.dtype)
+            stage[:n].copy_(self._host_in[slot][:n], non_blocking=True)
         else:
-            for i, row in enumerate(batch):
-                host_np[i] = row
-        stage = self._device_stage(slot, host_np.dtype)
-        stage[:n].copy_(self._host_in[slot][:n], non_blocking=True)
-        return stage
+            stage = self._device_stage(slot, np.dtype(np.float32))
+        return stage, self._decode_into(stage, batch, encoded)
+
+    def _decode_into(
+        self, stage: torch.Tensor, batch: Sequence[np.ndarray], encoded: list[int]
+    ) -> list[int]:
+        if not encoded:
+            return []
+        assert self.preprocessing is not None
+        prepared, bad = decode_rows([batch[i] for i in encoded], self.preprocessing, self.device)
+        for i, image in zip(encoded, prepared, strict=True):
+            if image is None:
+                stage[i].zero_()  # finite filler; the row's answer is dropped
+            else:
+                stage[i].copy_(image)
+        return [encoded[j] for j in bad]
+
+    def _cpu_batch(self, batch: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[int]]:
+        if isinstance(batch, np.ndarray):
+            # A copy: callers may hand read-only views of request bodies.
+            return torch.from_numpy(np.array(batch, dtype=np.float32)), []
+        x = torch.zeros((len(batch), *self.input_shape))
+        encoded = []
+        for i, row in enumerate(batch):
+            if is_encoded(row):
+                encoded.append(i)
+            else:
+                x[i] = torch.from_numpy(np.array(row, dtype=np.float32))
+        return x, self._decode_into(x, batch, encoded)
 
     def _device_stage(self, slot: int, dtype: np.dtype) -> torch.Tensor:
         key = (slot, np.dtype(dtype).str)
@@ -358,6 +399,7 @@ class Launched:
     done: torch.cuda.Event | None = None
     host: torch.Tensor | None = None
     result: np.ndarray | None = None
+    failed: list[int] = field(default_factory=list)  # photos that did not decode
 
 
 def _is_pinned(row: np.ndarray) -> bool:

@@ -57,3 +57,32 @@ def test_fp16_rows_are_cast_on_the_device() -> None:
     np.testing.assert_allclose(runner.infer_rows(mixed), want, rtol=1e-5, atol=1e-5)
     del keep
     runner.close()
+
+
+def test_photos_decode_on_the_gpu_like_on_the_cpu() -> None:
+    from pathlib import Path
+
+    from service.engine.decode import decode_rows
+    from service.engine.protocol import Preprocessing
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    spec = Preprocessing(resize=256, crop=224, mean=(123.675, 116.28, 103.53), std=(58.4,) * 3)
+    photos = [np.frombuffer((data / n).read_bytes(), np.uint8) for n in ("cat.jpg", "coffee.jpg")]
+    on_gpu, failed = decode_rows(photos, spec, torch.device("cuda"))
+    on_cpu, _ = decode_rows(photos, spec, torch.device("cpu"))
+    assert failed == []
+    for gpu, cpu in zip(on_gpu, on_cpu, strict=True):
+        assert gpu.is_cuda
+        # nvJPEG and libjpeg round their IDCTs differently: close, not equal.
+        assert float((gpu.cpu() - cpu).abs().mean()) < 0.02
+    _, prepared = _model("resnet50-uniform90")
+    dense = build_backend(prepared, "dense", torch.device("cuda"), "fp32")
+    runner = _runner(dense, prepared, graphs=True)
+    runner.preprocessing = spec
+    rows, keep = _pinned_rows(_images("resnet50-uniform90", 2))
+    mixed = runner.infer_rows([photos[0], rows[0], photos[1][:400].copy(), rows[1]])
+    want = runner.infer(np.stack([on_gpu[0].cpu().numpy(), rows[0]]))
+    np.testing.assert_allclose(mixed[:2], want, rtol=1e-4, atol=1e-4)
+    assert np.isnan(mixed[2]).all() and np.isfinite(mixed[3]).all()
+    del keep
+    runner.close()

@@ -13,7 +13,7 @@ from PIL import Image
 
 from service.engine.protocol import Preprocessing
 from service.errors import BadImageError
-from service.preprocess import preprocess_image, resize_crop, to_rgb
+from service.preprocess import engine_decodable, preprocess_image, resize_crop, to_rgb
 from tests.service.fakes import encode_image
 
 SPEC = Preprocessing(resize=256, crop=224, mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0))
@@ -173,3 +173,21 @@ def test_truncated_and_corrupt_photos(photos: dict[str, bytes]) -> None:
     corrupt[len(png) // 2 : len(png) // 2 + 64] = b"\xff" * 64
     with pytest.raises(BadImageError):
         preprocess_image(bytes(corrupt), SPEC, LIMIT)
+
+
+def test_which_photos_the_engine_may_decode(photos: dict[str, bytes]) -> None:
+    limit = 50_000_000
+    cat = photos["cat.jpg"]
+    assert engine_decodable(cat, limit, None)
+    assert engine_decodable(encode_image(Image.new("L", (40, 30), 9), "JPEG"), limit, None)
+    assert not engine_decodable(cat, limit, len(cat) - 1)  # does not fit a row
+    assert not engine_decodable(cat, 1000, None)  # over the pixel limit
+    assert not engine_decodable(encode_image(Image.new("RGB", (40, 30)), "PNG"), limit, None)
+    assert not engine_decodable(encode_image(Image.new("CMYK", (40, 30)), "JPEG"), limit, None)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the workers apply it, the engine's decoder would not
+    rotated = encode_image(Image.new("RGB", (40, 30)), "JPEG", exif=exif.tobytes())
+    assert not engine_decodable(rotated, limit, None)
+    assert not engine_decodable(b"not an image", limit, None)
+    assert engine_decodable(cat[: len(cat) // 2], limit, None)  # the header is fine: decoded
+    # there, and a failure comes back as that request's 400 (tests/core/test_image_decode.py)

@@ -18,6 +18,7 @@ import numpy as np
 from loadtest.ceilings import ceilings_markdown
 from loadtest.layerbench import layer_bench_markdown
 from loadtest.promtext import Scrape, bucket_counts, counter_by, histogram_by, histogram_quantile
+from loadtest.stages import stage_means, stages_markdown
 from loadtest.summary import conclusion, series
 
 __all__ = ["series"]  # plots and scaling read the lines from here
@@ -87,6 +88,7 @@ def server_stats(delta: Scrape, model: str) -> dict[str, Any]:
         "mean_queue_ms": _ms(queue["mean"]) if queue else None,
         "requests_by_code": {code: int(n) for (code,), n in sorted(codes.items()) if n},
         "rejected": {reason: int(n) for (reason,), n in sorted(rejected.items()) if n},
+        "mean_stage_ms": stage_means(delta, model),
     }
 
 
@@ -255,7 +257,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         out += ["", "Steps without a correct answer (left out of the plots):", ""]
         out += [f"- step {s['step'] + 1} ({s['phase']}, {s['users']} users): {s['empty_reason']}"
                 for s in empty]  # fmt: skip
-    out += ["", "## Backends side by side", "", side_by_side_markdown(report)]
+    out += ["", "## Backends side by side", "", side_by_side_markdown(report), ""]
+    out += stages_markdown(report)
     out += _layers_markdown(report)
     # Sections of the wrk-era additions, present only when measured (issue 10).
     out += ceilings_markdown(report) + layer_bench_markdown(report)

@@ -81,7 +81,12 @@ def default_engine_factory(settings: Settings, metrics: ServiceMetrics) -> Engin
     from service.app import engine_spec  # noqa: PLC0415 - app imports this module
     from service.engine import load_engine
 
-    return load_engine(engine_spec(settings), layer_observer=metrics.observe_layer, progress=True)
+    return load_engine(
+        engine_spec(settings),
+        layer_observer=metrics.observe_layer,
+        progress=True,
+        stage_observer=metrics.observe_stage,
+    )
 
 
 class LocalDispatcher(Dispatcher):

@@ -145,6 +145,14 @@ class ServiceMetrics:
             buckets=LAYER_BUCKETS_S,
             registry=reg,
         )
+        self.stage_duration = Histogram(
+            "escort_stage_duration_seconds",
+            "Time of one stage of the serving path: receive, parse, encode (per request, HTTP "
+            "worker); h2d, replay, d2h (per batch, device time on the engine's streams).",
+            ["model", "backend", "stage"],
+            buckets=LAYER_BUCKETS_S,
+            registry=reg,
+        )
         self.layer_sparsity = Gauge(
             "escort_layer_sparsity",
             "Fraction of zero weights in a layer.",
@@ -235,6 +243,10 @@ class ServiceMetrics:
         for device, kinds in stats.items():
             for kind, value in kinds.items():
                 self.device_memory.labels(str(device), str(kind)).set(float(value))
+
+    def observe_stage(self, model: str, backend: str, stage: str, seconds: float) -> None:
+        """One stage's time (the engine's stage observer, and the routes')."""
+        self.stage_duration.labels(model, backend, stage).observe(seconds)
 
     def observe_layer(self, model: str, backend: str, layer: str, op: str, seconds: float) -> None:
         """The engine's layer observer: one sampled layer timing."""

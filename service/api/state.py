@@ -131,6 +131,10 @@ class ServiceState:
             )
         return requested
 
+    def observe_stage(self, model: str, backend: str, stage: str, seconds: float) -> None:
+        """A stage of this request's path in this process (receive, parse, encode)."""
+        self.metrics.observe_stage(model, backend, stage, seconds)
+
     def deadline(self, timeout_s: float | None = None) -> float:
         """A monotonic deadline: the server's timeout, shortened by the client's if given."""
         limit = self.settings.request_timeout_s

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,7 @@ async def classify(
     chosen = state.resolve_backend(desc, backend)
     set_backend_label(request, chosen)
     kind = media_type(request)
+    started = time.perf_counter()
     if kind == "multipart/form-data":
         images, names = await _images_from_multipart(request)
     elif kind.startswith("image/") or kind in _RAW_TYPES:
@@ -117,6 +119,7 @@ async def classify(
             f"with {IMAGE_FIELD!r} fields, or the raw image as image/* or "
             "application/octet-stream"
         )
+    state.observe_stage(desc.name, chosen, "receive", time.perf_counter() - started)
     deadline = state.deadline()
     probabilities = await unless_disconnected(
         request, state.classify_images(desc, chosen, images, deadline)

@@ -8,6 +8,7 @@ clients which always name a version work unchanged.
 from __future__ import annotations
 
 import contextlib
+import time
 from importlib import metadata
 from typing import Any
 
@@ -172,21 +173,27 @@ async def infer(request: Request, model: str, version: str | None = None) -> Res
             f"Content-Type {media_type(request)!r} is not supported here; send "
             "application/json, or application/octet-stream with Inference-Header-Content-Length"
         )
+    started = time.perf_counter()
     body = await read_body(request)
+    received = time.perf_counter()
     parsed = parse_infer_request(
         body, request.headers.get("inference-header-content-length"), desc.input_shape
     )
     backend = state.resolve_backend(desc, parsed.backend)
     set_backend_label(request, backend)
+    state.observe_stage(desc.name, backend, "receive", received - started)
+    state.observe_stage(desc.name, backend, "parse", time.perf_counter() - received)
     deadline = state.deadline(parsed.timeout_s)
     if parsed.images is not None:
         work = state.classify_images(desc, backend, parsed.images, deadline)
     else:
         work = state.classify_tensor(desc, backend, parsed.tensor, deadline)  # type: ignore[arg-type]
     probabilities = await unless_disconnected(request, work)
+    encoding = time.perf_counter()
     content, header_length = encode_infer_response(
         desc.name, parsed, probabilities, desc.labels, backend
     )
+    state.observe_stage(desc.name, backend, "encode", time.perf_counter() - encoding)
     if header_length is None:
         return Response(content, media_type="application/json")
     return Response(

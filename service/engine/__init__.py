@@ -6,13 +6,16 @@ importing this package (for the protocol and errors) costs nothing and needs no 
 
 from __future__ import annotations
 
-from service.engine.protocol import Engine, EngineSpec, LayerObserver
+from service.engine.protocol import Engine, EngineSpec, LayerObserver, StageObserver
 
 __all__ = ["Engine", "EngineSpec", "LayerObserver", "load_engine"]
 
 
 def load_engine(
-    spec: EngineSpec, layer_observer: LayerObserver | None = None, progress: bool = True
+    spec: EngineSpec,
+    layer_observer: LayerObserver | None = None,
+    progress: bool = True,
+    stage_observer: StageObserver | None = None,
 ) -> Engine:
     """Load, build, tune and warm every model in `spec` on every backend in `spec.backends`.
 
@@ -21,4 +24,6 @@ def load_engine(
     BackendUnavailableError when the device or the sparse kernel is missing."""
     from service.engine.engine import TorchEngine
 
-    return TorchEngine(spec, layer_observer=layer_observer, progress=progress)
+    return TorchEngine(
+        spec, layer_observer=layer_observer, progress=progress, stage_observer=stage_observer
+    )

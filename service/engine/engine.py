@@ -36,6 +36,7 @@ from service.engine.protocol import (
     LayerObserver,
     ModelDescription,
     Preprocessing,
+    StageObserver,
 )
 from service.engine.runner import Launched, Runner, batch_buckets
 
@@ -179,7 +180,9 @@ class TorchEngine(Engine):
         plan_factory: PlanFactory | None = None,
         timer: Timer | None = None,
         load: Callable[[str, str, bool], ModelSource] = load_source,
+        stage_observer: StageObserver | None = None,
     ) -> None:
+        self._stage_observer = stage_observer
         check_spec(spec)
         self.spec = spec
         self.device = resolve_device(spec.device)
@@ -253,6 +256,7 @@ class TorchEngine(Engine):
                 profile_every=spec.layer_profile_every,
                 observer=observer,
                 preprocessing=source.preprocessing,
+                stage_observer=self._stage_observer,
             )
             runners[backend] = runner
             runner.warm()

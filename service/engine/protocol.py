@@ -19,6 +19,9 @@ PRECISIONS = ("fp32", "tf32", "fp16")
 
 # Called once per timed layer of a sampled batch: (model, backend, layer, op, seconds).
 LayerObserver = Callable[[str, str, str, str, float], None]
+# Called once per stage of each batch on a GPU: (model, backend, stage, seconds), stage one of
+# h2d (rows to the device, photos decoded), replay, d2h.
+StageObserver = Callable[[str, str, str, float], None]
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from service.engine.backends import set_precision_flags
 from service.engine.decode import decode_rows, is_encoded
 from service.engine.errors import BadBatchError
 from service.engine.profiler import LayerProfiler
-from service.engine.protocol import LayerObserver, Preprocessing
+from service.engine.protocol import LayerObserver, Preprocessing, StageObserver
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,9 @@ class Runner:
         observer: LayerObserver | None = None,
         probabilities: bool = True,
         preprocessing: Preprocessing | None = None,
+        stage_observer: StageObserver | None = None,
     ) -> None:
+        self.stage_observer = stage_observer
         self.built = built
         # Set when rows may be encoded JPEG photos to decode here (ESCORT_IMAGE_DECODE=engine).
         self.preprocessing = preprocessing
@@ -238,6 +240,7 @@ class Runner:
             launched.result = launched.host.numpy().copy()
             # A photo that did not decode answers NaN: the service turns it into a 400.
             launched.result[launched.failed] = np.nan
+            self._report_stages(launched.marks)
         return launched.result
 
     def _launch(self, batch: Sequence[np.ndarray]) -> Launched:
@@ -278,25 +281,30 @@ class Runner:
         if previous is not None:
             previous.synchronize()  # the slot's last batch is done with its buffers
         records: list = []
+        timed = self.stage_observer is not None
+        # start, staged (copy stream), begin (compute stream may run it), replayed, done
+        marks = [torch.cuda.Event(enable_timing=timed) for _ in range(5)]
         with self.context():
             with torch.cuda.stream(self.copy_stream):
+                marks[0].record(self.copy_stream)
                 stage, failed = self._stage(slot, batch)
-                staged = torch.cuda.Event()
-                staged.record(self.copy_stream)
-            self.stream.wait_event(staged)
+                marks[1].record(self.copy_stream)
+            self.stream.wait_event(marks[1])
+            marks[2].record(self.stream)
             static = self._static_in[b]
             static[:n].copy_(stage[:n])  # on the device; casts FP16 rows for an fp32 model
             out = self._run_bucket(b)
+            marks[3].record(self.stream)
             host = self._host_out[slot][:n]
             host.copy_(out[:n], non_blocking=True)
-            done = torch.cuda.Event()
+            done = marks[4]
             done.record(self.stream)
             self._slot_done[slot] = done
             if profile:
                 # After the batch, on its own static input, on the same stream: the sampled
                 # pass never changes what the batch computes or returns.
                 records = self.profiler.run(lambda: self.forward(static))[1]
-        return Launched(done=done, host=host, failed=failed), records
+        return Launched(done=done, host=host, failed=failed, marks=marks if timed else []), records
 
     def _stage(self, slot: int, batch: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[int]]:
         """Copy the batch's rows to the device (on the current stream, the copy stream), and
@@ -378,6 +386,21 @@ class Runner:
             return self._graph_out[b]
         return self.forward(self._static_in[b])
 
+    def _report_stages(self, marks: list) -> None:
+        if not marks or self.stage_observer is None:
+            return
+        start, staged, begin, replayed, done = marks
+        stages = (
+            ("h2d", start.elapsed_time(staged)),
+            ("replay", begin.elapsed_time(replayed)),
+            ("d2h", replayed.elapsed_time(done)),
+        )
+        try:
+            for stage, ms in stages:
+                self.stage_observer(self.model_name, self.backend, stage, ms / 1e3)
+        except Exception:  # a metrics hiccup must never fail a batch
+            log.exception("stage observer failed for %s/%s", self.model_name, self.backend)
+
     def _report(self, records: list) -> None:
         for layer, op, seconds in records:
             try:
@@ -400,6 +423,7 @@ class Launched:
     host: torch.Tensor | None = None
     result: np.ndarray | None = None
     failed: list[int] = field(default_factory=list)  # photos that did not decode
+    marks: list = field(default_factory=list)  # timing events of the batch's stages, or none
 
 
 def _is_pinned(row: np.ndarray) -> bool:

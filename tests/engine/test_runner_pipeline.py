@@ -86,3 +86,22 @@ def test_photos_decode_on_the_gpu_like_on_the_cpu() -> None:
     assert np.isnan(mixed[2]).all() and np.isfinite(mixed[3]).all()
     del keep
     runner.close()
+
+
+def test_each_batch_reports_its_device_stages() -> None:
+    _, prepared = _model("resnet50-uniform90")
+    dense = build_backend(prepared, "dense", torch.device("cuda"), "fp32")
+    runner = _runner(dense, prepared, graphs=True)
+    seen: list[tuple[str, float]] = []
+    runner.stage_observer = lambda model, backend, stage, s: seen.append((stage, s))
+    rows, keep = _pinned_rows(_images("resnet50-uniform90", 32))
+    for _ in range(3):
+        runner.infer_rows(rows)
+    stages = {stage for stage, _ in seen}
+    assert stages == {"h2d", "replay", "d2h"} and len(seen) == 9
+    replay = sorted(s for stage, s in seen if stage == "replay")[1]
+    h2d = sorted(s for stage, s in seen if stage == "h2d")[1]
+    # 32 rows of 602 KB over PCIe take well under the batch itself; the replay is milliseconds.
+    assert 1e-3 < replay < 0.1 and 0 < h2d < replay
+    del keep
+    runner.close()

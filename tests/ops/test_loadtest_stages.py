@@ -1,0 +1,35 @@
+"""The stage breakdown: the routes time receive/parse/encode, and the report's table reads
+them (and the engine's device stages when there are any) from the server's metrics."""
+
+from __future__ import annotations
+
+from loadtest.promtext import parse_metrics
+from loadtest.stages import STAGES, stage_means, stages_markdown
+from tests.service.fakes import FAKE_MODEL, FakeEngine, marked_tensor
+from tests.service.servers import app_client
+from tests.v2_bodies import tensor_body
+
+
+def test_the_routes_time_their_stages_and_the_report_tables_them() -> None:
+    with app_client(FakeEngine()) as client:
+        for i in range(3):
+            body = tensor_body(marked_tensor(i / 10), parameters={"backend": "dense"})
+            assert client.post(f"/v2/models/{FAKE_MODEL}/infer", json=body).status_code == 200
+        scrape = parse_metrics(client.get("/metrics").text)
+    means = stage_means(scrape, FAKE_MODEL)
+    assert set(means) == {"dense"}
+    assert {"receive", "parse", "encode"} <= set(means["dense"])
+    assert all(0 < ms < 1000 for ms in means["dense"].values())
+    step = {
+        "phase": "dense",
+        "users": 4,
+        "server": {"mean_stage_ms": means, "mean_queue_ms": 1.5, "mean_compute_ms": {"dense": 2.0}},
+    }
+    lines = stages_markdown({"steps": [step]})
+    assert lines[0] == "## Where the time goes"
+    row = next(line for line in lines if line.startswith("| dense | 4 | dense |"))
+    cells = [c.strip() for c in row.strip("|").split("|")][3:]
+    assert len(cells) == len(STAGES)
+    assert cells[STAGES.index("queue")] == "1.5" and cells[STAGES.index("compute")] == "2"
+    assert cells[STAGES.index("replay")] == "-"  # no device stages on the CPU
+    assert stages_markdown({"steps": [{**step, "server": {"mean_stage_ms": {}}}]}) == []

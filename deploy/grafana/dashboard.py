@@ -195,6 +195,14 @@ def health_panels(y: int) -> list[dict]:
                (8, y + 8, 8, 8),
                [_target(f"sum by (role) (rate(escort_process_cpu_seconds_total[{RATE}]))",
                         "{{role}}", "A")], "short"),
+        _panel("timeseries", "Where the time goes: mean per stage",
+               "receive, parse and encode per request in the HTTP workers; h2d, replay and "
+               "d2h per batch, device time on the engine's streams (GPU only). Compare replay "
+               "with the offline graph replay of `escort bench model`.",
+               (0, y + 16, 24, 8),
+               [_target(f"sum by (stage) (rate(escort_stage_duration_seconds_sum{{{SEL}}}[{RATE}]))"
+                        f" / sum by (stage) (rate(escort_stage_duration_seconds_count{{{SEL}}}"
+                        f"[{RATE}]))", "{{stage}}", "A")], "s"),
         _panel("timeseries", "Open file descriptors by role",
                "Sockets, pipes and files held by the service's processes. Steady growth at "
                "steady traffic is a leak.",

@@ -39,6 +39,7 @@ CONTRACT = {
     "escort_process_cpu_seconds": ("counter", {"role"}),
     "escort_process_open_fds": ("gauge", {"role"}),
     "escort_processes": ("gauge", {"role"}),
+    "escort_stage_duration_seconds": ("histogram", {"model", "backend", "stage"}),
 }
 # Prometheus adds these to every scraped series: per-replica panels group by instance.
 TARGET_LABELS = {"job", "instance"}

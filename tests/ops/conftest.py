@@ -20,10 +20,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
+def free_port(span: int = 1) -> int:
+    """A port p with p .. p+span-1 all free now (replica runs use consecutive ports)."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port + span <= 65535 and all(_free(port + i) for i in range(1, span)):
+            return port
+    raise RuntimeError(f"no {span} consecutive free ports")
+
+
+def _free(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 @dataclass

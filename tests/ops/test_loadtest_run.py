@@ -238,7 +238,7 @@ def test_scaling_runs_one_and_two_replicas(tmp_path: Path) -> None:
     python = sys.executable
     env = {
         "LOADTEST_GPUS": "2",
-        "LOADTEST_BASE_PORT": str(free_port()),
+        "LOADTEST_BASE_PORT": str(free_port(span=2)),
         "LOADTEST_SERVER_CMD": f"{python} -m uvicorn tests.ops.standin_app:create_app --factory "
         "--host 127.0.0.1 --port {port} --log-level warning",
         "LOADTEST_DURATION_S": "4",

@@ -390,12 +390,12 @@ class Runner:
         if not marks or self.stage_observer is None:
             return
         start, staged, begin, replayed, done = marks
-        stages = (
-            ("h2d", start.elapsed_time(staged)),
-            ("replay", begin.elapsed_time(replayed)),
-            ("d2h", replayed.elapsed_time(done)),
-        )
         try:
+            stages = (
+                ("h2d", start.elapsed_time(staged)),
+                ("replay", begin.elapsed_time(replayed)),
+                ("d2h", replayed.elapsed_time(done)),
+            )
             for stage, ms in stages:
                 self.stage_observer(self.model_name, self.backend, stage, ms / 1e3)
         except Exception:  # a metrics hiccup must never fail a batch

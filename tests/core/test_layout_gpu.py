@@ -54,7 +54,6 @@ def test_batched_answers_equal_single_answers(server: ProcessServer) -> None:
         together = list(pool.map(one, inputs))
     for a, b in zip(alone, together, strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
-    assert len({int(np.argmax(a)) for a in alone}) >= 1
 
 
 def test_fp16_rows_match_fp32_rows_of_the_same_values(server: ProcessServer) -> None:

@@ -13,7 +13,13 @@ import pytest
 import yaml
 
 from tests.ops.conftest import ROOT
-from tests.ops.test_monitoring import CONTRACT, TARGET_LABELS, series_names, service_metrics
+from tests.ops.test_monitoring import (
+    CONTRACT,
+    TARGET_LABELS,
+    query_labels,
+    series_names,
+    service_metrics,
+)
 
 DEPLOY = ROOT / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
@@ -69,12 +75,7 @@ def test_alerts_query_only_exported_metrics(source: str) -> None:
         for name in names:
             assert name in exported, f"{rule['alert']}: {name} is not exported ({source})"
         labels = set().union(*(exported[n] for n in names)) | TARGET_LABELS
-        used = set()
-        for group in re.findall(r"\b(?:by|ignoring|on) \(([^)]*)\)", expr):
-            used |= {label.strip() for label in group.split(",")}
-        for selector in re.findall(r"\{([^}]*)\}", expr):
-            used |= set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector))
-        used.discard("")
+        used = query_labels(expr)
         assert used <= labels, f"{rule['alert']}: labels {used - labels} are not on {names}"
 
 

@@ -70,6 +70,17 @@ def service_metrics() -> dict[str, tuple[str, set[str]]] | None:
     return found
 
 
+def query_labels(expr: str) -> set[str]:
+    """The labels a PromQL expression groups, matches or selects on."""
+    used: set[str] = set()
+    for group in re.findall(r"\b(?:by|ignoring|on) \(([^)]*)\)", expr):
+        used |= {label.strip() for label in group.split(",")}
+    for selector in re.findall(r"\{([^}]*)\}", expr):
+        used |= set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector))
+    used.discard("")
+    return used
+
+
 def dashboard_queries() -> list[tuple[str, str]]:
     board = json.loads(DASHBOARD.read_text())
     queries = [(p["title"], t["expr"]) for p in board["panels"] for t in p["targets"]]
@@ -165,12 +176,7 @@ def test_dashboard_queries_only_exported_metrics_and_labels(source: str) -> None
         for name in names:
             assert name in exported, f"{title}: {name} is not exported ({source})"
         labels = set().union(*(exported[name] for name in names)) | TARGET_LABELS
-        used = set()
-        for group in re.findall(r"\bby \(([^)]*)\)", query):
-            used |= {label.strip() for label in group.split(",")}
-        for selector in re.findall(r"\{([^}]*)\}", query):
-            used |= set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector))
-        used.discard("")
+        used = query_labels(query)
         assert used <= labels, f"{title}: labels {used - labels} are not on {names}"
 
 

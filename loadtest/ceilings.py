@@ -105,6 +105,9 @@ def ceiling_entry(target: str, url: str, users: int, traffic: dict[str, Any]) ->
         "rps": max(0, answered) / window,
         "errors": traffic["errors"],
         "latency_ms": traffic["latency_ms"],
+        # Which processes were busy (wrk's and, for a server, its roles'), when measured.
+        "generator_cores": traffic.get("generator_cores"),
+        "server_cores": traffic.get("server_cores") or {},
     }
 
 
@@ -148,6 +151,14 @@ def ceilings_section(
     }
 
 
+def _cores(entry: dict[str, Any]) -> str:
+    """'; cores busy: ...' for a ceiling whose processes were measured, else nothing."""
+    parts = [f"{role} {cores:.2f}" for role, cores in sorted(entry.get("server_cores", {}).items())]
+    if entry.get("generator_cores") is not None:
+        parts.append(f"load generator {entry['generator_cores']:.2f}")
+    return "; cores busy: " + ", ".join(parts) if parts else ""
+
+
 def _f(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -162,7 +173,8 @@ def ceilings_markdown(report: dict[str, Any]) -> list[str]:
         entry = section[key]
         if entry:
             out.append(f"- {name} ({how}, {entry['users']} users): **{entry['rps']:.0f} req/s**, "
-                       f"p50 {_f(entry['latency_ms']['p50'], 2)} ms, errors {entry['errors'] or 'none'}.")  # fmt: skip
+                       f"p50 {_f(entry['latency_ms']['p50'], 2)} ms, errors {entry['errors'] or 'none'}"
+                       f"{_cores(entry)}.")  # fmt: skip
         else:
             out.append(f"- {name}: not measured.")
     out += ["", section["verdict"], "", "| phase | users | achieved req/s | generator ceiling / "

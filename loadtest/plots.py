@@ -113,7 +113,7 @@ def plot_layers(report: dict[str, Any], path: Path, limit: int) -> None:
 NO_ANSWERS = "no step got a correct answer (see the steps above)"
 NO_LAYERS = (
     "no per-layer samples: the server times the layers of 1 batch in "
-    "ESCORT_LAYER_PROFILE_EVERY (default 100; 0 turns it off), so a short run may see none"
+    "ESCORT_LAYER_PROFILE_EVERY (default 1000; 0 turns it off), so a short run may see none"
 )
 
 

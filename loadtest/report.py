@@ -18,7 +18,7 @@ import numpy as np
 from loadtest.ceilings import ceilings_markdown
 from loadtest.layerbench import layer_bench_markdown
 from loadtest.promtext import Scrape, bucket_counts, counter_by, histogram_by, histogram_quantile
-from loadtest.stages import stage_means, stages_markdown
+from loadtest.stages import cores_busy, cores_markdown, stage_means, stages_markdown
 from loadtest.summary import conclusion, series
 
 __all__ = ["series"]  # plots and scaling read the lines from here
@@ -112,6 +112,7 @@ def step_summary(
             name: traffic_stats(group, window_s) for name, group in sorted(groups.items())
         }
     summary["server"] = server_stats(delta, model)
+    summary["server"]["cores_busy"] = cores_busy(delta, window_s)
     return summary
 
 
@@ -259,6 +260,7 @@ def to_markdown(report: dict[str, Any]) -> str:
                 for s in empty]  # fmt: skip
     out += ["", "## Backends side by side", "", side_by_side_markdown(report), ""]
     out += stages_markdown(report)
+    out += cores_markdown(report)
     out += _layers_markdown(report)
     # Sections of the wrk-era additions, present only when measured (issue 10).
     out += ceilings_markdown(report) + layer_bench_markdown(report)

@@ -37,7 +37,7 @@ from loadtest.config import (
 )
 from loadtest.drivers import DistributedDriver, LocalDriver
 from loadtest.layerbench import layer_bench_section, load_records
-from loadtest.promtext import Scrape, delta_all, scrape_all
+from loadtest.promtext import Scrape, delta, delta_all, scrape_all
 from loadtest.report import (
     build_report,
     side_by_side_markdown,
@@ -45,9 +45,10 @@ from loadtest.report import (
     traffic_stats,
     write_report,
 )
+from loadtest.stages import cores_busy
 from loadtest.summary import conclusion, empty_step_reason
 from loadtest.wrk import WrkMissing, find_wrk
-from loadtest.wrksteps import WrkDriver, wrk_step_summary, wrk_traffic
+from loadtest.wrksteps import WrkDriver, generator_cores, wrk_step_summary, wrk_traffic
 
 POLL_S = 0.05
 CEILING_STEP = 1_000_000  # the step number a ceiling's samples are recorded under
@@ -133,13 +134,28 @@ def locust_rate(
 
 
 def wrk_rate(
-    driver: WrkDriver, url: str, users: int, step_s: float, settle_s: float, phase: str | None
+    driver: WrkDriver,
+    url: str,
+    users: int,
+    step_s: float,
+    settle_s: float,
+    phase: str | None,
+    scraped: bool = False,
+    api_key: str = "",
 ) -> dict[str, Any]:
+    """One wrk run against `url` (a ceiling); with `scraped`, also which of its processes were
+    busy, from its /metrics before and after."""
     specs = driver.specs(phase)
     if settle_s >= 0.5:
         driver.measure((url,), specs, users, settle_s)
+    before = scrape_all((url + "/metrics",), timeout_s=10.0, api_key=api_key) if scraped else []
     result = driver.measure((url,), specs, users, max(1.0, step_s - settle_s))
-    return {**wrk_traffic(result, specs[0].images), "window_s": result["duration_s"]}
+    traffic = {**wrk_traffic(result, specs[0].images), "window_s": result["duration_s"]}
+    traffic["generator_cores"] = generator_cores(result)
+    if scraped:
+        after = scrape_all((url + "/metrics",), timeout_s=10.0, api_key=api_key)
+        traffic["server_cores"] = cores_busy(delta(before[0], after[0]), result["duration_s"])
+    return traffic
 
 
 def measure_ceilings(
@@ -153,9 +169,9 @@ def measure_ceilings(
     the null engine (LOADTEST_CEILING_URL), each at the largest step's concurrency."""
     users = max(config.users)
 
-    def rate(url: str) -> dict[str, Any]:
+    def rate(url: str, scraped: bool = False) -> dict[str, Any]:
         if isinstance(driver, WrkDriver):
-            return wrk_rate(driver, url, users, step_s, settle_s, phase)
+            return wrk_rate(driver, url, users, step_s, settle_s, phase, scraped, config.api_key)
         return locust_rate(driver, config, url, users, step_s, settle_s)
 
     generator = http = None
@@ -165,7 +181,8 @@ def measure_ceilings(
         log(f"  ceiling: load generator {generator['rps']:.0f} req/s against the sink")
     if config.ceiling_url:
         wait_ceiling(config.ceiling_url, config.ready_timeout_s)
-        http = ceiling_entry("null engine", config.ceiling_url, users, rate(config.ceiling_url))
+        traffic = rate(config.ceiling_url, scraped=True)
+        http = ceiling_entry("null engine", config.ceiling_url, users, traffic)
         log(f"  ceiling: HTTP layer {http['rps']:.0f} req/s against {config.ceiling_url}")
     return generator, http
 

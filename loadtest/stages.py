@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from loadtest.promtext import Scrape, histogram_by
+from loadtest.promtext import Scrape, counter_by, histogram_by
 
 # In the order a request meets them; queue and compute come from their own metrics.
-STAGES = ("receive", "parse", "queue", "h2d", "replay", "d2h", "compute", "encode")
+STAGES = ("receive", "parse", "queue", "h2d", "replay", "d2h", "compute", "encode", "profile")
 
 
 def stage_means(delta: Scrape, model: str) -> dict[str, dict[str, float]]:
@@ -22,6 +22,33 @@ def stage_means(delta: Scrape, model: str) -> dict[str, dict[str, float]]:
         if hist["count"]:
             out.setdefault(backend, {})[stage] = float(hist["mean"]) * 1e3
     return out
+
+
+def cores_busy(delta: Scrape, window_s: float) -> dict[str, float]:
+    """role -> CPU cores its processes kept busy over one step (escort_process_cpu_seconds,
+    refreshed every second or two by each process, so a short step reads a little rough)."""
+    by_role = counter_by(delta, "escort_process_cpu_seconds_total", ("role",))
+    return {role: seconds / max(window_s, 1e-9) for (role,), seconds in sorted(by_role.items())}
+
+
+def cores_markdown(report: dict[str, Any]) -> list[str]:
+    """Which process kind was busy in each step, and the load generator's own CPU."""
+    rows = []
+    for step in report["steps"]:
+        cores = step["server"].get("cores_busy") or {}
+        generator = (step.get("driver") or {}).get("cores_busy")
+        if not cores and generator is None:
+            continue
+        cells = [_cell(cores.get("engine")), _cell(cores.get("worker")), _cell(generator)]
+        rows.append(f"| {step['phase']} | {step['users']} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    note = (
+        "CPU cores kept busy over each step: the engine core process (one event loop and the "
+        "batchers' threads), the HTTP workers together, and the load generator's own processes."
+    )
+    head = "| phase | users | engine cores | worker cores | load generator cores |"
+    return ["## CPU by process", "", note, "", head, "|---|---|---|---|---|", *rows, ""]
 
 
 def stages_markdown(report: dict[str, Any]) -> list[str]:
@@ -42,7 +69,8 @@ def stages_markdown(report: dict[str, Any]) -> list[str]:
     note = (
         "Means over each step. receive/parse/encode: per request in an HTTP worker; queue: per "
         "image; h2d/replay/d2h: per batch, device time; compute: per batch as the batcher saw "
-        "it (h2d, replay, d2h and the hand-offs)."
+        "it (h2d, replay, d2h and the hand-offs); profile: per sampled pass of the per-layer "
+        "metric (ESCORT_LAYER_PROFILE_EVERY), device time that the batches behind it wait."
     )
     return ["## Where the time goes", "", note, "", head, rule, *[r + " |" for r in rows], ""]
 

@@ -22,6 +22,7 @@ from loadtest.bodies import multipart_body, v2_binary_body, v2_tensor_body
 from loadtest.config import LoadtestConfig
 from loadtest.promtext import Scrape
 from loadtest.report import server_stats
+from loadtest.stages import cores_busy
 from loadtest.wrk import RequestSpec, WrkBinary, run_wrk
 
 TOP_K = 5  # as the Locust v1 users ask
@@ -89,6 +90,13 @@ def request_specs(
     return specs
 
 
+def generator_cores(result: dict[str, Any]) -> float | None:
+    """Cores the wrk processes kept busy over their run (None: not recorded)."""
+    if "cpu_s" not in result:
+        return None
+    return float(result["cpu_s"]) / max(float(result["duration_s"]), 1e-9)
+
+
 def wrk_traffic(result: dict[str, Any], images_per_request: int) -> dict[str, Any]:
     """wrk's numbers in the report's traffic shape (latency in ms; rates of correct answers)."""
     window = max(float(result["duration_s"]), 1e-9)
@@ -128,7 +136,9 @@ def wrk_step_summary(
     summary["by_protocol"] = {protocols.pop(): traffic} if len(protocols) == 1 else {}
     summary["server"] = server_stats(delta, model)
     summary["driver"] = {"name": "wrk", "budget_reached": bool(result.get("budget_reached")),
-                         "bytes_read": int(result.get("bytes", 0))}  # fmt: skip
+                         "bytes_read": int(result.get("bytes", 0)),
+                         "cores_busy": generator_cores(result)}  # fmt: skip
+    summary["server"]["cores_busy"] = cores_busy(delta, summary["window_s"])
     return summary
 
 

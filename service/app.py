@@ -25,7 +25,13 @@ from service.api import docs_assets, health, v1, v2
 from service.api.middleware import ServiceMiddleware
 from service.api.state import ServiceState
 from service.config import ConfigError, Settings, load_settings, unknown_environment_names
-from service.dispatch import Dispatcher, EngineFactory, LocalDispatcher, default_engine_factory
+from service.dispatch import (
+    Dispatcher,
+    EngineFactory,
+    LocalDispatcher,
+    default_engine_factory,
+    freeze_heap,
+)
 from service.engine.protocol import Engine, EngineSpec
 from service.errors import NotReadyError, ServiceError, register_error_handlers
 from service.logs import SUPERVISOR, configure, is_config_error, uvicorn_log_config
@@ -64,6 +70,7 @@ async def _prepare(state: ServiceState, dispatcher: Dispatcher) -> None:
             metrics.prepare_model(name, desc.backends, desc.layer_sparsity)
             metrics.model_ready.labels(name).set(1)
         state.models = dict(models)
+        freeze_heap()
         state.ready = True
         log.info(
             "ready: %s in %.1f s",
@@ -88,7 +95,7 @@ async def _prepare(state: ServiceState, dispatcher: Dispatcher) -> None:
 
 # Prometheus keeps its connection to one worker, so the others must refresh their process
 # metrics on their own rather than only when scraped.
-PROCESS_REFRESH_S = 5.0
+PROCESS_REFRESH_S = 1.0
 
 
 async def _refresh_process_metrics(metrics: ServiceMetrics) -> None:

@@ -40,6 +40,11 @@ InferFn = Callable[[str, str, Sequence[np.ndarray]], np.ndarray]
 LaunchFn = Callable[[str, str, Sequence[np.ndarray]], Any]
 CollectFn = Callable[[str, str, Any], np.ndarray]
 PIPELINE_DEPTH = 2  # batches in flight at once: one on the device, the next one staging
+# With a batch on the device, the next one (full or not) launches this long before that batch
+# should finish (its expected time: a running mean of the batches' own times), so that its
+# launch and its copies overlap the replay instead of leaving the device idle between batches.
+LOOKAHEAD_S = 0.002
+COMPUTE_EMA = 0.2  # weight of the newest batch in that running mean
 
 
 @dataclass(eq=False)
@@ -75,6 +80,8 @@ class BatchQueue:
         self._pipelined = launch is not None and collect is not None
         self._inflight: set[asyncio.Task[None]] = set()
         self._last_done = 0.0  # when the latest batch finished (monotonic)
+        self._mean_compute_s: float | None = None  # running mean of a batch's own time
+        self._expected_done = 0.0  # when the latest launched batch should finish (monotonic)
         self._metrics = metrics
         self.max_batch_size = max_batch_size
         self._delay_s = max_batch_delay_ms / 1000.0
@@ -205,18 +212,37 @@ class BatchQueue:
                 await self._filled.wait()
 
     async def _wait_for_next(self) -> None:
-        """Wait until the next batch should start. With a batch in flight (pipelined), only a
-        full batch starts early, which is when overlapping its copies pays; otherwise wait
-        for the device to finish, then the usual rule (full, or the oldest waited the delay)."""
+        """Wait until the next batch should start. With a batch in flight (pipelined), a full
+        batch starts at once and any other LOOKAHEAD_S before the one in flight should finish,
+        so that its launch and copies overlap that batch's replay; otherwise wait for the
+        device to finish, then the usual rule (full, or the oldest waited the delay)."""
         while self._busy() and len(self._items) < self.max_batch_size:
+            ahead = self._launch_ahead_at()
+            if self._items and ahead is not None and ahead <= time.monotonic():
+                return  # the device frees up within the lookahead: launch what is queued
             self._filled.clear()
-            filled = asyncio.ensure_future(self._filled.wait())
-            await asyncio.wait({filled, *self._busy()}, return_when=asyncio.FIRST_COMPLETED)
-            filled.cancel()
+            waiters = {asyncio.ensure_future(self._filled.wait())}
+            if not self._items:
+                self._arrived.clear()
+                waiters.add(asyncio.ensure_future(self._arrived.wait()))
+            timeout = None
+            if self._items and ahead is not None:
+                timeout = max(0.0, ahead - time.monotonic())
+            await asyncio.wait(
+                {*waiters, *self._busy()}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            for waiter in waiters:
+                waiter.cancel()
         if not self._busy():
             if not self._items:
                 self._idle.set()
             await self._wait_to_fill()
+
+    def _launch_ahead_at(self) -> float | None:
+        """When the next batch may launch while one is in flight (None: nothing measured yet)."""
+        if self._mean_compute_s is None:
+            return None
+        return self._expected_done - LOOKAHEAD_S
 
     def _busy(self) -> set[asyncio.Task[None]]:
         return {task for task in self._inflight if not task.done()}
@@ -230,6 +256,9 @@ class BatchQueue:
                 if not self._items and not self._busy():
                     self._idle.set()
                 continue
+            if self._mean_compute_s is not None:
+                begins = max(time.monotonic(), self._expected_done)
+                self._expected_done = begins + self._mean_compute_s
             task = loop.create_task(self._compute(loop, batch))
             self._inflight = self._busy() | {task}
             depth = PIPELINE_DEPTH if self._pipelined else 1
@@ -289,6 +318,10 @@ class BatchQueue:
         self.batches_run += 1
         self.images_run += size
         self.compute_ns += int(elapsed * 1e9)
+        previous = self._mean_compute_s
+        self._mean_compute_s = (
+            elapsed if previous is None else previous + COMPUTE_EMA * (elapsed - previous)
+        )
         self._metrics.compute_duration.labels(self.model, self.backend).observe(elapsed)
         self._metrics.batch_size.labels(self.model, self.backend).observe(size)
         for item, output in zip(batch, outputs, strict=True):

@@ -97,7 +97,10 @@ class Settings(BaseSettings):
         64, ge=1, description="Most images (or tensor rows) one request may carry."
     )
     layer_profile_every: int = Field(
-        100, ge=0, description="Time each layer of 1 batch in N (0 turns per-layer timing off)."
+        1000,
+        ge=0,
+        description="Time each layer of 1 batch in N (0 turns per-layer timing off); each "
+        "sampled pass holds the device for about one more batch.",
     )
     api_key: SecretStr | None = Field(
         None, description="Bearer token required on inference endpoints (unset: no auth)."

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from service.engine.assemble import build_backend
+from service.engine.profiler import LayerProfiler
 from tests.engine.test_gpu import BUCKETS, _images, _model, _runner
 
 pytestmark = pytest.mark.gpu
@@ -103,5 +104,29 @@ def test_each_batch_reports_its_device_stages() -> None:
     h2d = sorted(s for stage, s in seen if stage == "h2d")[1]
     # 32 rows of 602 KB over PCIe take well under the batch itself; the replay is milliseconds.
     assert 1e-3 < replay < 0.1 and 0 < h2d < replay
+    del keep
+    runner.close()
+
+
+def test_a_sampled_pass_reports_what_it_holds_the_device_for() -> None:
+    _, prepared = _model("resnet50-uniform90")
+    dense = build_backend(prepared, "dense", torch.device("cuda"), "fp32")
+    runner = _runner(dense, prepared, graphs=True)
+    runner.profiler = LayerProfiler(runner.module, runner.device)
+    runner.observer = lambda *layer: None
+    runner.profile_every = 2
+    runner.batches = 0  # so that the second and fourth batches are the sampled ones
+    seen: list[tuple[str, float]] = []
+    runner.stage_observer = lambda model, backend, stage, s: seen.append((stage, s))
+    rows, keep = _pinned_rows(_images("resnet50-uniform90", 32))
+    for _ in range(4):
+        runner.infer_rows(rows)
+    torch.cuda.synchronize()
+    runner.infer_rows(rows)  # reports the fourth batch's pass, finished by now
+    profile = [s for stage, s in seen if stage == "profile"]
+    replay = sorted(s for stage, s in seen if stage == "replay")[2]
+    # Each pass is reported by the next batch, which runs after it on the same stream; a pass
+    # runs every layer eagerly, with waits between them, so it outlasts a replay.
+    assert len(profile) == 2 and all(s > replay for s in profile)
     del keep
     runner.close()

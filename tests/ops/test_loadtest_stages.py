@@ -4,7 +4,7 @@ them (and the engine's device stages when there are any) from the server's metri
 from __future__ import annotations
 
 from loadtest.promtext import parse_metrics
-from loadtest.stages import STAGES, stage_means, stages_markdown
+from loadtest.stages import STAGES, cores_busy, cores_markdown, stage_means, stages_markdown
 from tests.service.fakes import FAKE_MODEL, FakeEngine, marked_tensor
 from tests.service.servers import app_client
 from tests.v2_bodies import tensor_body
@@ -33,3 +33,19 @@ def test_the_routes_time_their_stages_and_the_report_tables_them() -> None:
     assert cells[STAGES.index("queue")] == "1.5" and cells[STAGES.index("compute")] == "2"
     assert cells[STAGES.index("replay")] == "-"  # no device stages on the CPU
     assert stages_markdown({"steps": [{**step, "server": {"mean_stage_ms": {}}}]}) == []
+
+
+def test_cores_busy_per_role_and_its_table() -> None:
+    scrape = parse_metrics(
+        "# TYPE escort_process_cpu_seconds counter\n"
+        'escort_process_cpu_seconds_total{role="engine"} 9.0\n'
+        'escort_process_cpu_seconds_total{role="worker"} 30.0\n'
+    )
+    cores = cores_busy(scrape, 10.0)
+    assert cores == {"engine": 0.9, "worker": 3.0}
+    step = {"phase": "sparse", "users": 64, "server": {"cores_busy": cores},
+            "driver": {"cores_busy": 1.25}}  # fmt: skip
+    lines = cores_markdown({"steps": [step, {**step, "users": 1, "server": {}, "driver": {}}]})
+    assert lines[0] == "## CPU by process"
+    assert "| sparse | 64 | 0.9 | 3 | 1.25 |" in lines
+    assert not any(line.startswith("| sparse | 1 |") for line in lines)  # nothing measured

@@ -121,6 +121,7 @@ def test_wrk_against_the_sink_with_602_kb_bodies() -> None:
         assert result["requests"] > 200 and result["ok"] == result["requests"]
         assert result["errors"] == {} and result["duration_s"] == pytest.approx(2.0, abs=0.3)
         assert 0 < result["latency_s"]["p50"] <= result["latency_s"]["p99"]
+        assert result["cpu_s"] > 0  # what the wrk processes themselves used
         # A budget stops each thread early; the duration is then the time it took.
         spent = run_wrk(WRK, (sink.url,), [spec, spec], 4, 2, 3, 5, budget=100)
         assert 100 <= spent["requests"] <= 104 and spent["budget_reached"]
@@ -192,6 +193,11 @@ def test_wrk_counts_4xx_from_the_service_and_measures_the_http_ceiling(tmp_path:
     assert step["errors"] == {"413": step["requests"]}
     http = report["ceilings"]["http_layer"]
     assert http["rps"] > 20 and http["ok"] == http["requests"] and http["errors"] == {}
+    # The processes of the layout report by role; the generator's own CPU is beside them.
+    assert set(http["server_cores"]) == {"engine", "worker"}
+    assert http["server_cores"]["worker"] > 0
+    assert http["generator_cores"] > 0
+    assert "cores busy: engine" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_sink_answers_keep_alive_requests() -> None:

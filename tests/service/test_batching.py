@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from service import batching
 from service.batching import BatchQueue
 from service.errors import (
     DeadlineExceededError,
@@ -280,7 +281,7 @@ def test_a_full_next_batch_launches_while_one_is_on_the_device() -> None:
     assert wall < 4 * 0.1 + 0.3
 
 
-def test_a_partial_batch_waits_for_the_device_instead_of_launching_early() -> None:
+def test_before_any_batch_was_timed_a_partial_batch_waits_for_the_device() -> None:
     fake = PipelinedFake(FakeEngine(), device_s=0.1)
 
     async def scenario() -> None:
@@ -298,3 +299,29 @@ def test_a_partial_batch_waits_for_the_device_instead_of_launching_early() -> No
     launches = {n: t for kind, n, t in fake.events if kind == "launch"}
     collects = {n: t for kind, n, t in fake.events if kind == "collect"}
     assert launches[2] >= collects[1]  # one row is not worth overlapping: it waited
+
+
+def test_a_partial_batch_launches_just_before_the_device_frees_up(monkeypatch) -> None:
+    monkeypatch.setattr(batching, "LOOKAHEAD_S", 0.02)  # wide enough for a loaded CI machine
+    fake = PipelinedFake(FakeEngine(), device_s=0.1)
+
+    async def scenario() -> None:
+        queue, _ = fake.queue()
+        queue.start()
+        # One batch to time the device, then a full one on it, then a lone row behind it.
+        await asyncio.gather(*(queue.submit(marked_tensor(0.1), later(10)) for _ in range(4)))
+        full = [asyncio.ensure_future(queue.submit(marked_tensor(0.2), later(10)))
+                for _ in range(4)]  # fmt: skip
+        await asyncio.sleep(0.03)
+        lone = await queue.submit(marked_tensor(0.3), later(10))
+        await asyncio.gather(*full)
+        np.testing.assert_allclose(lone, fake.engine.reference(marked_tensor(0.3)), rtol=1e-6)
+        await queue.close()
+
+    asyncio.run(scenario())
+    launches = {n: t for kind, n, t in fake.events if kind == "launch"}
+    collects = {n: t for kind, n, t in fake.events if kind == "collect"}
+    # The lone row neither waited for the full batch's answer nor launched at once beside it:
+    # it went to the device within the lookahead of that batch's expected end.
+    assert launches[3] < collects[2]
+    assert launches[3] > launches[2] + 0.05

@@ -216,6 +216,7 @@ def serve(app: FastAPI, settings: Settings, sockets: list[socket.socket] | None 
         port=settings.port,
         workers=1,
         log_level=settings.log_level,
+        access_log=settings.access_log,
         log_config=uvicorn_log_config(settings.log_level),  # timestamps on uvicorn's lines
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
         lifespan="on",

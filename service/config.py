@@ -108,6 +108,11 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         "info", description="Log level of the service and of uvicorn."
     )
+    access_log: bool = Field(
+        False,
+        description="One log line per request (uvicorn's access log); off by default, since at "
+        "thousands of requests a second it costs the workers CPU and floods the log.",
+    )
     models_dir: str = Field(
         "",
         description="Comma list of folders searched for manifests before the shipped ones "

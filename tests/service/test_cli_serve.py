@@ -222,7 +222,8 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     log_path = tmp_path_factory.mktemp("serve") / "output.log"
     argv = ["--port", str(port), "--models", "efficientnet-lite0", "--device", "cpu"]
     argv += ["--backend", "dense", "--workers", "1"]
-    env = _env(ESCORT_PORT=str(env_port), ESCORT_DEVICE="cuda")  # both overridden by flags
+    # ESCORT_PORT and ESCORT_DEVICE are overridden by flags; the access log is off by default.
+    env = _env(ESCORT_PORT=str(env_port), ESCORT_DEVICE="cuda", ESCORT_ACCESS_LOG="1")
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "service.app", *argv],

@@ -3,12 +3,13 @@
 #   bash bench/service_speed.sh [fp32|fp16] [tensor|image]
 # offline engine at batch 32, offline per-layer times, then a null-engine server and the real
 # server side by side, and the wrk load test (sink and null-engine ceilings, compare mode).
-# Carry .gpu-wheels and .gpu-debs. Everything lands in $OUT/results.tgz.
+# Carry .gpu-wheels and .gpu-debs. Everything lands in $OUT/results-$RUN_NAME.tgz.
 set -uo pipefail
 PRECISION=${1:-fp32}
 V2_INPUT=${2:-tensor}
 OUT=${OUT:-gpu-out}
-R=$OUT/r
+RUN_NAME=${RUN_NAME:-r}  # several runs in one device call: a name each
+R=$OUT/$RUN_NAME
 mkdir -p "$R"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu-wheels/*.whl \
@@ -31,10 +32,10 @@ if [ -n "${GPU_TESTS:-}" ]; then
 fi
 
 stamp bench-model
-timeout 200 python3 -m service.engine.bench --models "$MODEL" \
+[ -n "${SKIP_BENCH_MODEL:-}" ] || timeout 200 python3 -m service.engine.bench --models "$MODEL" \
   --configs "dense-$PRECISION,sparse-$PRECISION" --batches 32 --cache-dir $CACHE \
   --out "$R/bench" --no-progress >"$R/bench.log" 2>&1
-tail -8 "$R/bench.log"
+[ -f "$R/bench.log" ] && tail -8 "$R/bench.log"
 
 stamp layer-times
 [ -n "${SKIP_LAYER_TIMES:-}" ] || timeout 120 python3 -m bench.layer_times --model "$MODEL" --backends sparse,dense --batch 32 \
@@ -48,18 +49,23 @@ null=$!
 ESCORT_DEVICE=cuda ESCORT_PORT=8000 python3 -m service.app >"$R/server.log" 2>&1 &
 server=$!
 
-stamp loadtest
-LOADTEST_DRIVER=wrk LOADTEST_SINK=1 LOADTEST_CEILING_URL=http://127.0.0.1:8001 \
-LOADTEST_PROTOCOLS=${LOADTEST_PROTOCOLS:-v2} LOADTEST_V2_INPUT=$V2_INPUT LOADTEST_COMPARE=1 \
-LOADTEST_USERS=${LOADTEST_USERS:-1,4,64} LOADTEST_MAX_REQUESTS=10000000 \
-LOADTEST_DURATION_S=${LOADTEST_DURATION_S:-90} \
-LOADTEST_LAYER_BENCH=$([ -f "$R/layer_times.json" ] && echo "$R/layer_times.json") \
-LOADTEST_OUT="$R/loadtest" timeout 400 python3 -m loadtest.run >"$R/loadtest.log" 2>&1
-echo "loadtest exit $?"
-tail -30 "$R/loadtest.log"
+# One load test per entry of PROTOCOL_RUNS (say "v1 v2": each protocol measured alone, against
+# the same servers); by default one run over LOADTEST_PROTOCOLS.
+for protocols in ${PROTOCOL_RUNS:-${LOADTEST_PROTOCOLS:-v2}}; do
+  out="$R/loadtest"; [ -z "${PROTOCOL_RUNS:-}" ] || out="$R/loadtest-${protocols//,/-}"
+  stamp "loadtest $protocols"
+  LOADTEST_DRIVER=wrk LOADTEST_SINK=1 LOADTEST_CEILING_URL=http://127.0.0.1:8001 \
+  LOADTEST_PROTOCOLS=$protocols LOADTEST_V2_INPUT=$V2_INPUT LOADTEST_COMPARE=1 \
+  LOADTEST_USERS=${LOADTEST_USERS:-1,4,64} LOADTEST_MAX_REQUESTS=10000000 \
+  LOADTEST_DURATION_S=${LOADTEST_DURATION_S:-90} \
+  LOADTEST_LAYER_BENCH=$([ -f "$R/layer_times.json" ] && echo "$R/layer_times.json") \
+  LOADTEST_OUT="$out" timeout 400 python3 -m loadtest.run >"$out.log" 2>&1
+  echo "loadtest exit $?"
+  tail -30 "$out.log"
+done
 kill -TERM $server $null
 wait $server; echo "server exit $?"
 wait $null
 grep -i "error\|warning\|serving\|ready\|arena" "$R/server.log" | grep -v "health" | head -20
 stamp done
-tar czf "$OUT/results.tgz" -C "$OUT" r
+tar czf "$OUT/results-$RUN_NAME.tgz" -C "$OUT" "$RUN_NAME"

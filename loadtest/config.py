@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "LOADTEST_"
@@ -65,6 +65,7 @@ class LoadtestSettings(BaseSettings):
     out: str = _setting("loadtest-report", "Report folder.")
     model: str = _setting("", "Model to drive.", "first served")
     users: IntList = _setting((1, 2, 4, 8, 16), "Concurrent users of each step, in order.")
+    think_ms: IntList = _setting((0,), "Mean pause of each user between its requests (exponential; wrk only): one value, or one per `LOADTEST_USERS` step. Many users that think arrive almost like an open load, which is how latency at a given share of saturation is read; 0: back to back.")
     backends: CommaList = _setting((), "Backends to use (each must be in the server's `ESCORT_BACKENDS`).", "all loaded")
     compare: bool = _setting(False, "`1`: run the ramp once per backend (side by side).")
     protocols: Annotated[tuple[Literal["v1", "v2"], ...], NoDecode] = _setting(PROTOCOLS, "User classes to run. Locust splits the users by class, so a 1-user step runs only the first.")
@@ -117,6 +118,27 @@ class LoadtestSettings(BaseSettings):
         if not value:
             raise ValueError("give at least one")
         return value
+
+    @field_validator("think_ms", mode="before")
+    @classmethod
+    def _think_list(cls, value: Any) -> Any:
+        # Not through _split: a value repeats once per step ("0,0,100").
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _think_per_step(self) -> LoadtestSettings:
+        if len(self.think_ms) not in (1, len(self.users)):
+            raise ValueError(
+                f"think_ms: give one value or one per step ({len(self.users)} in users), "
+                f"not {len(self.think_ms)}"
+            )
+        if any(ms < 0 for ms in self.think_ms):
+            raise ValueError("think_ms: a pause cannot be negative")
+        if any(self.think_ms) and self.driver != "wrk":
+            raise ValueError("think_ms: only the wrk driver pauses between requests")
+        return self
 
     @field_validator("users")
     @classmethod
@@ -184,6 +206,7 @@ class LoadtestConfig:
     out: str
     model: str
     users: tuple[int, ...]
+    think_ms: tuple[int, ...]
     backends: tuple[str, ...]
     compare: bool
     protocols: tuple[str, ...]
@@ -207,6 +230,10 @@ class LoadtestConfig:
     ceiling_url: str
     sink: bool
     layer_bench: str
+
+    def think_for(self, step: int) -> int:
+        """The mean pause of LOADTEST_USERS step `step` (0-based)."""
+        return self.think_ms[step] if len(self.think_ms) > 1 else self.think_ms[0]
 
     @property
     def scrape_urls(self) -> tuple[str, ...]:
@@ -258,7 +285,7 @@ def resolve(settings: LoadtestSettings) -> LoadtestConfig:
     )
 
 
-_SAME_NAMES = ("duration_s", "out", "model", "users", "backends", "compare", "protocols",
+_SAME_NAMES = ("duration_s", "out", "model", "users", "think_ms", "backends", "compare", "protocols",
                "images_per_request", "processes", "v2_input", "image_sides", "max_requests",
                "settle_s", "timeout_s", "ready_timeout_s", "seed", "plot_layers", "driver", "wrk",
                "sink", "layer_bench")  # fmt: skip
@@ -274,7 +301,7 @@ def _type_text(name: str) -> str:
     text = {int: "int", float: "float", str: "str", bool: "bool"}.get(annotation)  # type: ignore[call-overload]
     if text:
         return text
-    if name in ("users", "image_sides"):
+    if name in ("users", "image_sides", "think_ms"):
         return "comma list of int"
     if name == "protocols":
         return "comma list of v1\\|v2"

@@ -58,6 +58,11 @@ def traffic_stats(samples: Sequence[Any], window_s: float) -> dict[str, Any]:
     }
 
 
+def _users(step: dict[str, Any]) -> str:
+    think = step.get("think_ms")
+    return f"{step['users']} (think {think})" if think else str(step["users"])
+
+
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1e3
 
@@ -247,12 +252,16 @@ def to_markdown(report: dict[str, Any]) -> str:
     for step in report["steps"]:
         lat, srv = step["latency_ms"], step["server"]
         out.append(
-            f"| {step['phase']} | {step['users']} | {step['requests']} | {step['ok']} | "
+            f"| {step['phase']} | {_users(step)} | {step['requests']} | {step['ok']} | "
             f"{_f(step['throughput_rps'])} | {_f(step['images_per_s'])} | {_f(lat['p50'])} | "
             f"{_f(lat['p95'])} | {_f(lat['p99'])} | {step['errors'] or '-'} | "
             f"{_mapping(srv['mean_batch_size'], 2)} | {_f(srv['mean_queue_ms'], 2)} | "
             f"{_mapping(srv['mean_compute_ms'], 2)} |"
         )
+    if any(step.get("think_ms") for step in report["steps"]):
+        out += ["", "Users marked \"think N\" pause a random time of mean N ms before each "
+                "request (exponential), so that many of them arrive almost like an open load; "
+                "their latency is read at that step's share of the best step's rate."]  # fmt: skip
     empty = [step for step in report["steps"] if step.get("empty_reason")]
     if empty:
         out += ["", "Steps without a correct answer (left out of the plots):", ""]

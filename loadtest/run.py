@@ -233,13 +233,14 @@ def run(config: LoadtestConfig) -> int:
     try:
         ceilings = measure_ceilings(driver, config, phases[0], step_s, settle_s)
         for phase in phases:
-            for users in config.users:
+            for position, users in enumerate(config.users):
                 index, name = len(steps), phase or "mixed"
+                think_ms = config.think_for(position)
                 inflight = None
                 if isinstance(driver, WrkDriver):
                     specs = driver.specs(phase)
                     result, before, after = driver.step(
-                        specs, users, step_s, settle_s, budget, lambda: _scrape(config)
+                        specs, users, step_s, settle_s, budget, lambda: _scrape(config), think_ms
                     )
                     delta = delta_all(before, after)
                     summary = wrk_step_summary(index, name, users, result, delta, plan.model, specs)
@@ -250,6 +251,7 @@ def run(config: LoadtestConfig) -> int:
                     )
                     delta = delta_all(before, after)
                     summary = step_summary(index, name, users, window_s, samples, delta, plan.model)
+                summary["think_ms"] = think_ms
                 first_scrape = before if first_scrape is None else first_scrape
                 last_scrape = after
                 steps.append(summary)
@@ -257,7 +259,8 @@ def run(config: LoadtestConfig) -> int:
                     largest.append((summary, delta))
                 lat = summary["latency_ms"]
                 log(
-                    f"  step {index + 1}/{total_steps} {name} users={users}: "
+                    f"  step {index + 1}/{total_steps} {name} users={users}"
+                    f"{f' think={think_ms} ms' if think_ms else ''}: "
                     f"{summary['requests']} requests, {summary['images_per_s']:.1f} img/s, "
                     f"p50 {lat['p50'] or 0:.1f} ms, p99 {lat['p99'] or 0:.1f} ms, "
                     f"errors {summary['errors'] or 'none'}"

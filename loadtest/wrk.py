@@ -95,9 +95,12 @@ def _lua_string(text: str) -> str:
     return json.dumps(text)  # a JSON string of ASCII text is a valid Lua string literal
 
 
-def lua_script(body_files: list[str], specs: list[RequestSpec], thread_budget: int = 0) -> str:
+def lua_script(
+    body_files: list[str], specs: list[RequestSpec], thread_budget: int = 0, think_ms: float = 0
+) -> str:
     """The Lua script for `specs`, whose bodies lie in `body_files`. `thread_budget` > 0 stops
-    each wrk thread after that many answers (the step's LOADTEST_MAX_REQUESTS share)."""
+    each wrk thread after that many answers (the step's LOADTEST_MAX_REQUESTS share);
+    `think_ms` > 0 pauses each connection a random time of that mean before each request."""
     if not specs or len(body_files) != len(specs):
         raise ValueError("one body file per request spec, at least one")
     entries = []
@@ -112,6 +115,7 @@ def lua_script(body_files: list[str], specs: list[RequestSpec], thread_budget: i
         SCRIPT_TEMPLATE.read_text()
         .replace("@SPECS@", specs_lua)
         .replace("@BUDGET@", str(int(thread_budget)))
+        .replace("@THINK_MS@", repr(float(think_ms)))
         .replace("@MARKER@", MARKER)
     )
 
@@ -180,6 +184,7 @@ def run_wrk(
     duration_s: float,
     timeout_s: float,
     budget: int = 0,
+    think_ms: float = 0,
 ) -> dict[str, Any]:
     """One wrk per target URL, all at once, with the connections split over them; returns the
     merged result. wrk takes whole seconds, so the duration is rounded (at least 1 s)."""
@@ -199,7 +204,7 @@ def run_wrk(
             threads = max(1, min(share, thread_cap))
             per_thread = math.ceil(budget * share / connections / threads) if budget else 0
             script = Path(folder) / f"script-{len(processes)}.lua"
-            script.write_text(lua_script(files, specs, per_thread))
+            script.write_text(lua_script(files, specs, per_thread, think_ms))
             argv = [binary.path, "-t", str(threads), "-c", str(share), "-d", f"{seconds}s",
                     "--timeout", f"{max(1, math.ceil(timeout_s))}s", "-s", str(script), url]  # fmt: skip
             processes.append(

@@ -4,6 +4,7 @@ local specs = {
 @SPECS@
 }
 local budget = @BUDGET@
+local think_ms = @THINK_MS@  -- mean pause before each request, exponential; 0: none
 
 local function slurp(name)
   local f = assert(io.open(name, "rb"))
@@ -43,8 +44,16 @@ else
   end
 end
 
+if think_ms > 0 then
+  -- wrk waits delay() ms before sending a connection's next request.
+  function delay()
+    return -think_ms * math.log(1 - math.random())
+  end
+end
+
 function init(args)
   escort_started = now()
+  math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)") or "0", 16) % 100000)
   if #specs > 1 then
     for i, s in ipairs(specs) do
       prepared[i] = wrk.format("POST", s.path, s.headers, slurp(s.file))

@@ -163,9 +163,10 @@ class WrkDriver:
         users: int,
         seconds: float,
         budget: int = 0,
+        think_ms: float = 0,
     ) -> dict[str, Any]:
         return run_wrk(self.binary, urls, specs, users, self.config.wrk_threads, seconds,
-                       self.config.timeout_s, budget)  # fmt: skip
+                       self.config.timeout_s, budget, think_ms)  # fmt: skip
 
     def step(
         self,
@@ -175,12 +176,14 @@ class WrkDriver:
         settle_s: float,
         budget: int,
         scrape: Callable[[], list[Scrape]],
+        think_ms: float = 0,
     ) -> tuple[dict[str, Any], list[Scrape], list[Scrape]]:
         """Settle (unmeasured run), scrape, measured run, scrape."""
         if settle_s >= 0.5:
-            self.measure(self.config.urls, specs, users, settle_s)
+            self.measure(self.config.urls, specs, users, settle_s, think_ms=think_ms)
         before = scrape()
-        result = self.measure(self.config.urls, specs, users, max(1.0, step_s - settle_s), budget)
+        measured_s = max(1.0, step_s - settle_s)
+        result = self.measure(self.config.urls, specs, users, measured_s, budget, think_ms)
         after = scrape()
         return result, before, after
 

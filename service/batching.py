@@ -113,6 +113,10 @@ class BatchQueue:
         """Images waiting, not counting a batch being computed."""
         return len(self._items)
 
+    async def in_engine_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(*args)` in the thread that runs this queue's batches (engine warm-up)."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(

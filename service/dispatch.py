@@ -137,7 +137,6 @@ class LocalDispatcher(Dispatcher):
         self._memory_task = asyncio.get_running_loop().create_task(self._watch_memory())
         for name, desc in models.items():
             for backend in desc.backends:
-                await asyncio.to_thread(engine.warmup, name, backend)
                 batcher = BatchQueue(
                     name,
                     backend,
@@ -150,6 +149,8 @@ class LocalDispatcher(Dispatcher):
                     launch=engine.launch_rows if engine.pipelined else None,
                     collect=engine.collect if engine.pipelined else None,
                 )
+                # In the thread that will run this model's batches (see Engine.warmup).
+                await batcher.in_engine_thread(engine.warmup, name, backend)
                 batcher.start()
                 self.batchers[(name, backend)] = batcher
             metrics.model_ready.labels(name).set(1)

@@ -28,6 +28,7 @@ from service.engine.errors import (
     UnknownBackendError,
     UnknownModelError,
 )
+from service.engine.hostcopy import PinnedRanges
 from service.engine.protocol import (
     BACKENDS,
     PRECISIONS,
@@ -193,6 +194,7 @@ class TorchEngine(Engine):
             # Shapes are fixed per bucket, so cuDNN's one-time algorithm search pays off.
             torch.backends.cudnn.benchmark = True
         self._runners: dict[str, dict[str, Runner]] = {}
+        self._pinned = PinnedRanges()  # the arenas pin_host_memory registered
         self._descriptions: dict[str, ModelDescription] = {}
         cache = TuningCache(Path(spec.cache_dir) / "autotune.json")
         names = [s.name for s in sources] if sources is not None else list(spec.models)
@@ -258,6 +260,7 @@ class TorchEngine(Engine):
                 preprocessing=source.preprocessing,
                 stage_observer=self._stage_observer,
             )
+            runner.pinned = self._pinned
             runners[backend] = runner
             runner.warm()
             if runner.num_classes != len(source.labels):
@@ -308,6 +311,9 @@ class TorchEngine(Engine):
             raise UnknownBackendError(model, backend, runners)
         return runners[backend]
 
+    def warmup(self, model: str, backend: str) -> None:
+        self.runner(model, backend).warm_this_thread()
+
     def infer(self, model: str, backend: str, batch: np.ndarray) -> np.ndarray:
         return self.runner(model, backend).infer(batch)
 
@@ -334,10 +340,12 @@ class TorchEngine(Engine):
         if int(err) != 0:
             log.warning("cudaHostRegister of %d bytes failed (%s): rows are staged", size, err)
             return False
+        self._pinned.add(address, size)
         return True
 
     def unpin_host_memory(self, address: int) -> None:
         if self.device.type == "cuda":
+            self._pinned.remove(address)
             with torch.cuda.device(self.device):
                 torch.cuda.cudart().cudaHostUnregister(address)
 

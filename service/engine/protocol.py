@@ -107,8 +107,9 @@ class Engine(ABC):
         return {}
 
     def warmup(self, model: str, backend: str) -> None:  # noqa: B027 - optional hook
-        """Build whatever a first batch would otherwise pay for. Engines that warm while they
-        load (as the torch engine does, capturing every batch bucket) need nothing here."""
+        """Build whatever a first batch would otherwise pay for, once per model and backend
+        before readiness, in the thread that will run that model's batches (some libraries
+        keep their tuned state per thread)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release devices and threads."""

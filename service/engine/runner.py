@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -22,11 +23,13 @@ from service.engine.assemble import BuiltModel
 from service.engine.backends import set_precision_flags
 from service.engine.decode import decode_rows, is_encoded
 from service.engine.errors import BadBatchError
+from service.engine.hostcopy import PinnedRanges, copy_rows
 from service.engine.profiler import LayerProfiler
 from service.engine.protocol import LayerObserver, Preprocessing, StageObserver
 
 log = logging.getLogger(__name__)
 
+SLOW_PASS_S = 0.05  # a sampled per-layer pass this long on the host is logged as slow
 WARM_CALLS = 3  # cuDNN autotuning, cuBLAS/cuSPARSE handles and kernel compiles happen here
 
 
@@ -58,6 +61,8 @@ class Runner:
         stage_observer: StageObserver | None = None,
     ) -> None:
         self.stage_observer = stage_observer
+        # Host ranges the engine page-locked (its arenas), shared by its runners.
+        self.pinned: PinnedRanges | None = None
         self.built = built
         # Set when rows may be encoded JPEG photos to decode here (ESCORT_IMAGE_DECODE=engine).
         self.preprocessing = preprocessing
@@ -89,6 +94,7 @@ class Runner:
         self._slot_done: list[torch.cuda.Event | None] = [None for _ in _SLOTS]
         self._next_slot = 0
         self._profile_marks: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        self._slow_pass_said = -1e9  # when a slow sampled pass was last logged (monotonic)
         self.eager_buckets: set[int] = set()
         if self.cuda:
             self.stream = torch.cuda.Stream(self.device)
@@ -147,6 +153,20 @@ class Runner:
             top = self.buckets[-1]
             self._host_out = [torch.zeros((top, self.num_classes)).pin_memory() for _ in _SLOTS]
             self.warmed = True
+
+    def warm_this_thread(self) -> None:
+        """Run every bucket eagerly once in the calling thread (the batcher's, which runs
+        the sampled per-layer pass). PyTorch keeps cuDNN's tuned plans per host thread, so
+        without this the first sampled pass of each bucket there tunes every dense conv again
+        (hundreds of milliseconds, with the device held and the batches behind it waiting)."""
+        if not self.cuda or self.profiler is None or self.profile_every <= 0:
+            return
+        if not self.warmed:
+            self.warm()
+        with self._lock, self.context():
+            for b in self.buckets:
+                self.forward(self._static_in[b])
+            self.stream.synchronize()
 
     def _capture(self, b: int, x: torch.Tensor, pool) -> torch.Tensor:
         graph = torch.cuda.CUDAGraph()
@@ -306,6 +326,7 @@ class Runner:
                 # pass never changes what the batch computes or returns. Its own device time
                 # (the "profile" stage) is what it costs the batches queued behind it.
                 records = self.profiler.run(lambda: self.forward(static))[1]
+                self._note_slow_pass(b)
                 if timed:
                     profiled = torch.cuda.Event(enable_timing=True)
                     profiled.record(self.stream)
@@ -325,15 +346,15 @@ class Runner:
             return stage, []
         encoded = [i for i, row in enumerate(batch) if is_encoded(row)]
         floats = [i for i in range(n) if not is_encoded(batch[i])]
-        if floats and all(_is_pinned(batch[i]) for i in floats):
+        if floats and all(self._pinned_row(batch[i]) for i in floats):
             dtypes = {batch[i].dtype for i in floats}
             only = next(iter(dtypes)) if len(dtypes) == 1 else np.dtype(np.float32)
             stage = self._device_stage(slot, only)
+            same = [i for i in floats if batch[i].dtype == only]
+            copy_rows(stage, batch, same, self.copy_stream)
             for i in floats:
-                host = torch.from_numpy(batch[i])
-                if host.dtype != stage.dtype:  # a mixed batch: cast this row on the host
-                    host = host.to(stage.dtype)
-                stage[i].copy_(host, non_blocking=True)
+                if batch[i].dtype != only:  # a mixed batch: cast this row on the host
+                    stage[i].copy_(torch.from_numpy(batch[i]).to(stage.dtype))
         elif floats:
             host_np = self._host_in_np[slot]
             for i in floats:
@@ -343,6 +364,10 @@ class Runner:
         else:
             stage = self._device_stage(slot, np.dtype(np.float32))
         return stage, self._decode_into(stage, batch, encoded)
+
+    def _pinned_row(self, row: np.ndarray) -> bool:
+        """Page-locked: in an arena the engine registered, or (a test's buffers) by torch."""
+        return (self.pinned is not None and self.pinned.holds(row)) or _torch_pinned(row)
 
     def _decode_into(
         self, stage: torch.Tensor, batch: Sequence[np.ndarray], encoded: list[int]
@@ -391,6 +416,23 @@ class Runner:
             self._graphs[b].replay()
             return self._graph_out[b]
         return self.forward(self._static_in[b])
+
+    def _note_slow_pass(self, b: int) -> None:
+        """Say so (at most once a minute) when a sampled pass held the device far longer than
+        its layers need: the batches queued behind it waited that long."""
+        stats = self.profiler.last_pass if self.profiler is not None else None
+        if stats is None or stats.host_s < SLOW_PASS_S:
+            return
+        now = time.monotonic()
+        if now - self._slow_pass_said < 60.0:
+            return
+        self._slow_pass_said = now
+        log.warning(
+            "%s/%s: a sampled per-layer pass at batch %d took %.0f ms (%.0f ms of waits, "
+            "%.1f ms of layers, %d of %d layers dropped); batches behind it waited",
+            self.model_name, self.backend, b, stats.host_s * 1e3, stats.sleep_s * 1e3,
+            stats.device_s * 1e3, len(stats.dropped), stats.layers,
+        )  # fmt: skip
 
     def _report_stages(self, marks: list) -> None:
         if self.stage_observer is None:
@@ -442,6 +484,6 @@ class Launched:
     marks: list = field(default_factory=list)  # timing events of the batch's stages, or none
 
 
-def _is_pinned(row: np.ndarray) -> bool:
+def _torch_pinned(row: np.ndarray) -> bool:
     # Read-only rows (views of request bytes) are never page-locked; from_numpy would warn.
     return row.flags.writeable and row.flags.c_contiguous and torch.from_numpy(row).is_pinned()

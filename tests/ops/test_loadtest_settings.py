@@ -28,6 +28,7 @@ NAMES = [
     "OUT",
     "MODEL",
     "USERS",
+    "THINK_MS",
     "BACKENDS",
     "COMPARE",
     "PROTOCOLS",
@@ -144,3 +145,18 @@ def test_docs_table_matches_the_settings() -> None:
     printed = subprocess.run([sys.executable, "-m", "loadtest.config"], cwd=ROOT,
                              capture_output=True, text=True, timeout=60)  # fmt: skip
     assert printed.returncode == 0 and printed.stdout == settings_table_markdown()
+
+
+def test_think_time_is_one_value_or_one_per_step_and_needs_wrk() -> None:
+    config = load_config({"LOADTEST_USERS": "2,4,8", "LOADTEST_THINK_MS": "0,0,100",
+                          "LOADTEST_DRIVER": "wrk"})  # fmt: skip
+    assert [config.think_for(i) for i in range(3)] == [0, 0, 100]  # repeats are kept
+    one = load_config(
+        {"LOADTEST_USERS": "2,4", "LOADTEST_THINK_MS": "50", "LOADTEST_DRIVER": "wrk"}
+    )
+    assert [one.think_for(i) for i in range(2)] == [50, 50]
+    for env in ({"LOADTEST_USERS": "2,4", "LOADTEST_THINK_MS": "1,2,3", "LOADTEST_DRIVER": "wrk"},
+                {"LOADTEST_THINK_MS": "-5", "LOADTEST_DRIVER": "wrk"},
+                {"LOADTEST_THINK_MS": "100"}):  # fmt: skip
+        with pytest.raises(LoadtestConfigError, match="think_ms"):
+            load_config(env)

@@ -122,6 +122,9 @@ def test_wrk_against_the_sink_with_602_kb_bodies() -> None:
         assert result["errors"] == {} and result["duration_s"] == pytest.approx(2.0, abs=0.3)
         assert 0 < result["latency_s"]["p50"] <= result["latency_s"]["p99"]
         assert result["cpu_s"] > 0  # what the wrk processes themselves used
+        # Users that think 50 ms between requests send about 4 / 0.05 = 80 a second each.
+        paced = run_wrk(WRK, (sink.url,), [spec], 4, 2, 2, 5, think_ms=50)
+        assert 60 <= paced["requests"] <= 300 < result["requests"]
         # A budget stops each thread early; the duration is then the time it took.
         spent = run_wrk(WRK, (sink.url,), [spec, spec], 4, 2, 3, 5, budget=100)
         assert 100 <= spent["requests"] <= 104 and spent["budget_reached"]

@@ -186,3 +186,10 @@ def test_preprocess_workers_zero_means_one_per_core() -> None:
 
     assert load_settings().preprocess_threads == min(32, os.cpu_count() or 1)
     assert load_settings(preprocess_workers=3).preprocess_threads == 3
+
+
+def test_default_worker_count_leaves_the_engine_its_cores() -> None:
+    from service.config import default_worker_count
+
+    assert [default_worker_count(c) for c in (1, 2, 4, 8, 16, 32)] == [1, 1, 2, 4, 12, 16]
+    assert Settings(workers=3).worker_processes == 3  # a set value always wins

@@ -79,7 +79,7 @@ class LoadtestSettings(BaseSettings):
     wrk: str = _setting("", "Path of the wrk binary (exit status 2 when none is found). An unpacked .deb's libraries go on wrk's own LD_LIBRARY_PATH.", "`wrk` on PATH, then `/tmp/debs/usr/bin/wrk` or `.gpu-debs/root/usr/bin/wrk`")
     sink: bool = _setting(False, "`1`: before the steps, start `python -m loadtest.sink` on a free loopback port and measure the load generator's ceiling against it at the largest step's concurrency. The report says whether that ceiling is at least 2x every step's rate.")
     ceiling_url: str = _setting("", "URL of a second server with `ESCORT_ENGINE=null`. Before the steps, its rate at the largest concurrency is measured as the HTTP layer's ceiling. Loopback only.", "(unset)")
-    layer_bench: str = _setting("", "JSON list of offline per-layer records `{model, backend, batch, layer, op, seconds}` (`python -m bench.layer_times`). The report compares them per backend with the live per-layer means of the largest step (within 25% or not).", "(unset)")
+    layer_bench: str = _setting("", "JSON list of offline per-layer records `{model, backend, batch, layer, op, seconds}` (`python -m bench.layer_times`). The report compares them per backend with the live per-layer means of the step with the fullest batches (within 25% or not).", "(unset)")
     timeout_s: float = _setting(30.0, "Per-request timeout. No answer in time counts as status 0.", ge=0.1)
     ready_timeout_s: float = _setting(300.0, "Longest wait for `/v2/health/ready` (exit status 3 after it).", ge=0)
     processes: int = _setting(1, "Load generator processes: Locust workers under one master. One process drives about one CPU core of HTTP. Raise it for GPU servers.", ge=1)

@@ -2,8 +2,8 @@
 
 The offline file is a JSON list of records {"model", "backend", "batch", "layer", "op",
 "seconds"}. The live side is the mean of `escort_layer_duration_seconds{model,backend,layer,op}`
-(sum / count of the delta between the scrapes around the largest step). For each backend the
-offline records at the batch closest to that step's mean batch size are compared; a layer is
+(sum / count of the delta between the scrapes around the step with the fullest batches). For
+each backend the offline records at the batch closest to that step's mean batch size are compared; a layer is
 "within" when live / offline is within 25% of 1, which says that the service runs its layers as
 fast as the benchmark did and that the time lost elsewhere is not in them.
 """
@@ -91,7 +91,8 @@ def layer_bench_section(
     largest: list[tuple[dict[str, Any], Scrape]],
     model: str,
 ) -> dict[str, Any]:
-    """Live layer means over the largest step (each phase's, in compare mode) against `records`."""
+    """Live layer means over the step with the fullest batches (each phase's, in compare mode)
+    against `records`."""
     live: dict[tuple[str, str, str], dict[str, float]] = {}
     batches: dict[str, float] = {}
     for summary, delta in largest:
@@ -109,10 +110,10 @@ def layer_bench_markdown(report: dict[str, Any]) -> list[str]:
     if not section:
         return []
     out = ["## Per-layer: live against the offline benchmark", "", f"From {section['path']}; live "
-           "means over the largest step; within = |live/offline - 1| <= "
+           "means over the step with the fullest batches; within = |live/offline - 1| <= "
            f"{TOLERANCE:.0%}.", ""]  # fmt: skip
     if not section["backends"]:
-        return out + ["No live layer samples in the largest step (ESCORT_LAYER_PROFILE_EVERY).", ""]
+        return out + ["No live layer samples in that step (ESCORT_LAYER_PROFILE_EVERY).", ""]
     for backend, table in section["backends"].items():
         batch = table["live_mean_batch"]
         out += [f"### {backend} (live mean batch {'-' if batch is None else f'{batch:.2f}'}, "

@@ -187,6 +187,17 @@ def measure_ceilings(
     return generator, http
 
 
+def _fuller(summary: dict[str, Any], best: tuple[dict[str, Any], Scrape] | None) -> bool:
+    """Whether this step's batches were fuller than the best so far (ties: more users)."""
+    if best is None:
+        return True
+
+    def key(step: dict[str, Any]) -> tuple[float, int]:
+        return (max(step["server"]["mean_batch_size"].values(), default=0.0), step["users"])
+
+    return key(summary) > key(best[0])
+
+
 def make_driver(config: LoadtestConfig, plan: locustfile.LoadPlan) -> Driver | WrkDriver:
     if config.driver == "wrk":
         return WrkDriver(plan, find_wrk(config.wrk))
@@ -229,7 +240,9 @@ def run(config: LoadtestConfig) -> int:
     steps: list[dict[str, Any]] = []
     first_scrape: list[Scrape] | None = None
     last_scrape: list[Scrape] = []
-    largest: list[tuple[dict[str, Any], Scrape]] = []  # the top step's summary and delta, per phase
+    # Per phase, the step whose batches were fullest (its summary and delta): its sampled
+    # layers ran at the batch nearest the offline benchmark's.
+    fullest: dict[str, tuple[dict[str, Any], Scrape]] = {}
     try:
         ceilings = measure_ceilings(driver, config, phases[0], step_s, settle_s)
         for phase in phases:
@@ -255,8 +268,8 @@ def run(config: LoadtestConfig) -> int:
                 first_scrape = before if first_scrape is None else first_scrape
                 last_scrape = after
                 steps.append(summary)
-                if users == max(config.users):
-                    largest.append((summary, delta))
+                if _fuller(summary, fullest.get(name)):
+                    fullest[name] = (summary, delta)
                 lat = summary["latency_ms"]
                 log(
                     f"  step {index + 1}/{total_steps} {name} users={users}"
@@ -294,7 +307,7 @@ def run(config: LoadtestConfig) -> int:
         log(f"loadtest: {report['ceilings']['verdict']}")
     if layer_records is not None:
         report["layer_bench"] = layer_bench_section(
-            config.layer_bench, layer_records, largest, plan.model
+            config.layer_bench, layer_records, list(fullest.values()), plan.model
         )
     try:
         from loadtest.plots import write_plots

@@ -275,3 +275,17 @@ def test_plots_can_be_drawn_later_from_the_json(tmp_path: Path) -> None:
     ]  # fmt: skip
     for name in (plots.LATENCY_PNG, plots.THROUGHPUT_PNG, plots.LAYERS_PNG):
         assert_png(tmp_path / name)
+
+
+def test_the_layer_comparison_takes_the_step_with_the_fullest_batches() -> None:
+    from loadtest.run import _fuller
+
+    def step(users: int, batch: float) -> dict:
+        return {"users": users, "server": {"mean_batch_size": {"sparse": batch}}}
+
+    closed, thinking = step(128, 31.9), step(280, 15.0)  # more users, emptier batches
+    assert _fuller(closed, None)
+    assert not _fuller(thinking, (closed, {}))
+    assert _fuller(closed, (thinking, {}))
+    assert _fuller(step(256, 31.9), (closed, {}))  # a tie goes to more users
+    assert not _fuller(step(64, 0.0) | {"server": {"mean_batch_size": {}}}, (closed, {}))

@@ -85,6 +85,17 @@ def compare(
     return out
 
 
+def fuller(summary: dict[str, Any], best: tuple[dict[str, Any], Scrape] | None) -> bool:
+    """Whether this step's batches were fuller than the best so far (ties: more users)."""
+    if best is None:
+        return True
+
+    def key(step: dict[str, Any]) -> tuple[float, int]:
+        return (max(step["server"]["mean_batch_size"].values(), default=0.0), step["users"])
+
+    return key(summary) > key(best[0])
+
+
 def layer_bench_section(
     path: str,
     records: list[dict[str, Any]],

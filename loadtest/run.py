@@ -36,7 +36,7 @@ from loadtest.config import (
     unknown_setting_warnings,
 )
 from loadtest.drivers import DistributedDriver, LocalDriver
-from loadtest.layerbench import layer_bench_section, load_records
+from loadtest.layerbench import fuller, layer_bench_section, load_records
 from loadtest.promtext import Scrape, delta, delta_all, scrape_all
 from loadtest.report import (
     build_report,
@@ -187,17 +187,6 @@ def measure_ceilings(
     return generator, http
 
 
-def _fuller(summary: dict[str, Any], best: tuple[dict[str, Any], Scrape] | None) -> bool:
-    """Whether this step's batches were fuller than the best so far (ties: more users)."""
-    if best is None:
-        return True
-
-    def key(step: dict[str, Any]) -> tuple[float, int]:
-        return (max(step["server"]["mean_batch_size"].values(), default=0.0), step["users"])
-
-    return key(summary) > key(best[0])
-
-
 def make_driver(config: LoadtestConfig, plan: locustfile.LoadPlan) -> Driver | WrkDriver:
     if config.driver == "wrk":
         return WrkDriver(plan, find_wrk(config.wrk))
@@ -268,7 +257,7 @@ def run(config: LoadtestConfig) -> int:
                 first_scrape = before if first_scrape is None else first_scrape
                 last_scrape = after
                 steps.append(summary)
-                if _fuller(summary, fullest.get(name)):
+                if fuller(summary, fullest.get(name)):
                     fullest[name] = (summary, delta)
                 lat = summary["latency_ms"]
                 log(

@@ -30,7 +30,6 @@ from service.dispatch import (
     EngineFactory,
     LocalDispatcher,
     default_engine_factory,
-    freeze_heap,
 )
 from service.engine.protocol import Engine, EngineSpec
 from service.errors import NotReadyError, ServiceError, register_error_handlers
@@ -70,7 +69,6 @@ async def _prepare(state: ServiceState, dispatcher: Dispatcher) -> None:
             metrics.prepare_model(name, desc.backends, desc.layer_sparsity)
             metrics.model_ready.labels(name).set(1)
         state.models = dict(models)
-        freeze_heap()
         state.ready = True
         log.info(
             "ready: %s in %.1f s",

@@ -37,7 +37,9 @@ EngineFactory = Callable[[Settings, ServiceMetrics], Engine]
 def freeze_heap() -> None:
     """Once loaded, move every object alive into the collector's permanent generation: the
     models, torch and the app are never garbage, and a full collection that walked them all
-    would stall this process's requests for tens of milliseconds (a p99 outlier)."""
+    would stall this process's requests for tens of milliseconds (a p99 outlier). Only the
+    processes of the layout do it (the engine process, the HTTP workers), once ready; a server
+    run inside another program (tests, a notebook) leaves that program's collector alone."""
     gc.collect()
     gc.freeze()
 
@@ -159,7 +161,6 @@ class LocalDispatcher(Dispatcher):
             ", ".join(f"{n} ({'/'.join(d.backends)})" for n, d in models.items()),
             time.monotonic() - started,
         )
-        freeze_heap()
         return dict(models)
 
     async def submit(

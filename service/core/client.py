@@ -24,7 +24,7 @@ import numpy as np
 from service.config import Settings
 from service.core.arena import SlotArena
 from service.core.messages import rebuild_error
-from service.dispatch import BatchTotals, Dispatcher
+from service.dispatch import BatchTotals, Dispatcher, freeze_heap
 from service.engine.protocol import ModelDescription
 from service.errors import (
     DeadlineExceededError,
@@ -79,6 +79,7 @@ class RemoteDispatcher(Dispatcher):
         out_bytes = max(d.num_classes for d in models.values()) * 4
         self._arena = SlotArena.create(self.settings.worker_slots, in_bytes, out_bytes)
         self._send(("hello", self._arena.name, self._arena.slots, in_bytes, out_bytes))
+        freeze_heap()  # an HTTP worker process: everything loaded so far lives as long as it
         return models
 
     async def submit(

@@ -28,7 +28,7 @@ from service import logs
 from service.config import Settings
 from service.core.arena import SlotArena
 from service.core.messages import error_message
-from service.dispatch import EngineFactory, LocalDispatcher, default_engine_factory
+from service.dispatch import EngineFactory, LocalDispatcher, default_engine_factory, freeze_heap
 from service.engine.protocol import ModelDescription
 from service.errors import ClientDisconnectedError, EngineFailureError
 from service.metrics import ServiceMetrics
@@ -197,6 +197,7 @@ async def serve_engine(
                 conn.send(("failed", reason))
         await dispatcher.close()
         return LOAD_FAILED
+    freeze_heap()
     links = [_WorkerLink(i, conn, dispatcher, models) for i, conn in enumerate(conns)]
     for link in links:
         link.send(("ready", models))

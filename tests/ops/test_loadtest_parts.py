@@ -11,6 +11,7 @@ import pytest
 
 from loadtest.config import LoadtestConfigError, check_loopback, load_config
 from loadtest.images import make_variants
+from loadtest.layerbench import fuller
 from loadtest.promtext import (
     bucket_counts,
     counter_by,
@@ -278,14 +279,12 @@ def test_plots_can_be_drawn_later_from_the_json(tmp_path: Path) -> None:
 
 
 def test_the_layer_comparison_takes_the_step_with_the_fullest_batches() -> None:
-    from loadtest.run import _fuller
-
     def step(users: int, batch: float) -> dict:
         return {"users": users, "server": {"mean_batch_size": {"sparse": batch}}}
 
     closed, thinking = step(128, 31.9), step(280, 15.0)  # more users, emptier batches
-    assert _fuller(closed, None)
-    assert not _fuller(thinking, (closed, {}))
-    assert _fuller(closed, (thinking, {}))
-    assert _fuller(step(256, 31.9), (closed, {}))  # a tie goes to more users
-    assert not _fuller(step(64, 0.0) | {"server": {"mean_batch_size": {}}}, (closed, {}))
+    assert fuller(closed, None)
+    assert not fuller(thinking, (closed, {}))
+    assert fuller(closed, (thinking, {}))
+    assert fuller(step(256, 31.9), (closed, {}))  # a tie goes to more users
+    assert not fuller(step(64, 0.0) | {"server": {"mean_batch_size": {}}}, (closed, {}))

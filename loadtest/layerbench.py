@@ -3,9 +3,9 @@
 The offline file is a JSON list of records {"model", "backend", "batch", "layer", "op",
 "seconds"}. The live side is the mean of `escort_layer_duration_seconds{model,backend,layer,op}`
 (sum / count of the delta between the scrapes around the step with the fullest batches). For
-each backend the offline records at the batch closest to that step's mean batch size are compared; a layer is
-"within" when live / offline is within 25% of 1, which says that the service runs its layers as
-fast as the benchmark did and that the time lost elsewhere is not in them.
+each backend the offline records at the batch closest to that step's mean batch size are
+compared; a layer is "within" when live / offline is within 25% of 1, which says that the service
+runs its layers as fast as the benchmark did and that the time lost elsewhere is not in them.
 """
 
 from __future__ import annotations
@@ -99,14 +99,14 @@ def fuller(summary: dict[str, Any], best: tuple[dict[str, Any], Scrape] | None) 
 def layer_bench_section(
     path: str,
     records: list[dict[str, Any]],
-    largest: list[tuple[dict[str, Any], Scrape]],
+    fullest: list[tuple[dict[str, Any], Scrape]],
     model: str,
 ) -> dict[str, Any]:
     """Live layer means over the step with the fullest batches (each phase's, in compare mode)
     against `records`."""
     live: dict[tuple[str, str, str], dict[str, float]] = {}
     batches: dict[str, float] = {}
-    for summary, delta in largest:
+    for summary, delta in fullest:
         live.update(live_layers(delta, model))
         batches.update(summary["server"]["mean_batch_size"])
     return {"path": path, "backends": compare(live, records, model, batches)}

@@ -148,13 +148,16 @@ def wrk_rate(
     specs = driver.specs(phase)
     if settle_s >= 0.5:
         driver.measure((url,), specs, users, settle_s)
-    before = scrape_all((url + "/metrics",), timeout_s=10.0, api_key=api_key) if scraped else []
+
+    def scrape() -> Scrape:
+        return scrape_all((url + "/metrics",), timeout_s=10.0, api_key=api_key)[0]
+
+    before = scrape() if scraped else {}
     result = driver.measure((url,), specs, users, max(1.0, step_s - settle_s))
     traffic = {**wrk_traffic(result, specs[0].images), "window_s": result["duration_s"]}
     traffic["generator_cores"] = generator_cores(result)
     if scraped:
-        after = scrape_all((url + "/metrics",), timeout_s=10.0, api_key=api_key)
-        traffic["server_cores"] = cores_busy(delta(before[0], after[0]), result["duration_s"])
+        traffic["server_cores"] = cores_busy(delta(before, scrape()), result["duration_s"])
     return traffic
 
 

@@ -25,12 +25,7 @@ from service.api import docs_assets, health, v1, v2
 from service.api.middleware import ServiceMiddleware
 from service.api.state import ServiceState
 from service.config import ConfigError, Settings, load_settings, unknown_environment_names
-from service.dispatch import (
-    Dispatcher,
-    EngineFactory,
-    LocalDispatcher,
-    default_engine_factory,
-)
+from service.dispatch import Dispatcher, EngineFactory, LocalDispatcher, default_engine_factory
 from service.engine.protocol import Engine, EngineSpec
 from service.errors import NotReadyError, ServiceError, register_error_handlers
 from service.logs import SUPERVISOR, configure, is_config_error, uvicorn_log_config

@@ -241,8 +241,7 @@ class Settings(BaseSettings):
 
     @property
     def worker_processes(self) -> int:
-        """ESCORT_WORKERS, or with 0 the measured default: every core but four (the engine
-        process keeps about two busy at full load), at least half of them, at most 16."""
+        """ESCORT_WORKERS, or with 0 `default_worker_count` of the usable cores."""
         if self.workers:
             return self.workers
         return default_worker_count(_usable_cores())

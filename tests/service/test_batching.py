@@ -243,6 +243,10 @@ class PipelinedFake:
         )  # fmt: skip
         return queue, metrics
 
+    def times(self, kind: str) -> dict[int, float]:
+        """Batch number -> when it was launched or collected."""
+        return {n: t for what, n, t in self.events if what == kind}
+
     def collect(self, model: str, backend: str, launched) -> np.ndarray:
         number, future = launched
         result = future.result()
@@ -271,8 +275,7 @@ def test_a_full_next_batch_launches_while_one_is_on_the_device() -> None:
         return wall
 
     wall = asyncio.run(scenario())
-    launches = {n: t for kind, n, t in fake.events if kind == "launch"}
-    collects = {n: t for kind, n, t in fake.events if kind == "collect"}
+    launches, collects = fake.times("launch"), fake.times("collect")
     assert sorted(launches) == sorted(collects) == [1, 2, 3, 4]
     # Full batches queued behind a running one were launched before it was collected...
     assert all(launches[n + 1] < collects[n] for n in (1, 2, 3))
@@ -296,8 +299,7 @@ def test_before_any_batch_was_timed_a_partial_batch_waits_for_the_device() -> No
         await queue.close()
 
     asyncio.run(scenario())
-    launches = {n: t for kind, n, t in fake.events if kind == "launch"}
-    collects = {n: t for kind, n, t in fake.events if kind == "collect"}
+    launches, collects = fake.times("launch"), fake.times("collect")
     assert launches[2] >= collects[1]  # one row is not worth overlapping: it waited
 
 
@@ -319,8 +321,7 @@ def test_a_partial_batch_launches_just_before_the_device_frees_up(monkeypatch) -
         await queue.close()
 
     asyncio.run(scenario())
-    launches = {n: t for kind, n, t in fake.events if kind == "launch"}
-    collects = {n: t for kind, n, t in fake.events if kind == "collect"}
+    launches, collects = fake.times("launch"), fake.times("collect")
     # The lone row neither waited for the full batch's answer nor launched at once beside it:
     # it went to the device within the lookahead of that batch's expected end.
     assert launches[3] < collects[2]

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from loadtest.ceilings import ceilings_markdown
+from loadtest.envelope import envelope_markdown
 from loadtest.layerbench import layer_bench_markdown
 from loadtest.promtext import Scrape, bucket_counts, counter_by, histogram_by, histogram_quantile
 from loadtest.stages import cores_busy, cores_markdown, stage_means, stages_markdown
@@ -268,6 +269,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         out += [f"- step {s['step'] + 1} ({s['phase']}, {s['users']} users): {s['empty_reason']}"
                 for s in empty]  # fmt: skip
     out += ["", "## Backends side by side", "", side_by_side_markdown(report), ""]
+    out += envelope_markdown(report)
     out += stages_markdown(report)
     out += cores_markdown(report)
     out += _layers_markdown(report)

@@ -36,6 +36,7 @@ from loadtest.config import (
     unknown_setting_warnings,
 )
 from loadtest.drivers import DistributedDriver, LocalDriver
+from loadtest.envelope import batch_delay_ms, envelope_section
 from loadtest.layerbench import fuller, layer_bench_section, load_records
 from loadtest.promtext import Scrape, delta, delta_all, scrape_all
 from loadtest.report import (
@@ -294,6 +295,9 @@ def run(config: LoadtestConfig) -> int:
     )
     report["load_generator"] = {"driver": config.driver, "processes": driver.processes,
                                 "errors": driver.exceptions()}  # fmt: skip
+    if any(step.get("think_ms") for step in steps):
+        delay = batch_delay_ms(config.urls[0], plan.model, config.api_key, config.timeout_s)
+        report["latency_envelope"] = envelope_section(steps, delay)
     if any(ceilings):
         report["ceilings"] = ceilings_section(*ceilings, steps)
         log(f"loadtest: {report['ceilings']['verdict']}")

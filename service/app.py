@@ -45,6 +45,7 @@ def engine_spec(settings: Settings) -> EngineSpec:
         device=settings.device,
         precision=settings.precision,
         max_batch_size=settings.max_batch_size,
+        batch_bucket_step=settings.batch_bucket_step,
         layer_profile_every=settings.layer_profile_every,
         models_dir=settings.models_dir,
         cache_dir=settings.cache_dir,

@@ -89,6 +89,14 @@ class Settings(BaseSettings):
         le=10_000,
         description="Longest wait for a batch to fill, counted from its oldest request.",
     )
+    batch_bucket_step: int = Field(
+        4,
+        ge=0,
+        le=1024,
+        description="Batch sizes that get a CUDA graph: powers of two up to N, then every N "
+        "rows up to the max batch, so a partial batch pads at most N - 1 rows (0: powers of "
+        "two only). Smaller N: lower latency below saturation, more graphs to tune at start.",
+    )
     max_queue_size: int = Field(
         512,
         ge=1,

@@ -82,7 +82,9 @@ def model_metadata(desc: ModelDescription) -> dict[str, Any]:
     }
 
 
-def model_config(desc: ModelDescription, max_batch_size: int) -> dict[str, Any]:
+def model_config(
+    desc: ModelDescription, max_batch_size: int, max_batch_delay_ms: float
+) -> dict[str, Any]:
     """The model as a Triton model configuration, for clients (perf_analyzer) that read it."""
     channels, height, width = desc.input_shape
     return {
@@ -107,7 +109,7 @@ def model_config(desc: ModelDescription, max_batch_size: int) -> dict[str, Any]:
             },
         ],
         "output": [{"name": OUTPUT, "data_type": "TYPE_FP32", "dims": [desc.num_classes]}],
-        "dynamic_batching": {},
+        "dynamic_batching": {"max_queue_delay_microseconds": round(max_batch_delay_ms * 1000)},
         "version_policy": {"latest": {"num_versions": 1}},
     }
 
@@ -150,7 +152,10 @@ async def get_model_ready(request: Request, model: str, version: str | None = No
 async def get_model_config(request: Request, model: str, version: str | None = None):
     _check_version(model, version)
     state = get_state(request)
-    return model_config(state.describe(model), state.settings.max_batch_size)
+    settings = state.settings
+    return model_config(
+        state.describe(model), settings.max_batch_size, settings.max_batch_delay_ms
+    )
 
 
 @router.get("/models/{model}/stats")

@@ -51,29 +51,56 @@ def _decode_all(rows: Sequence[np.ndarray], device: torch.device) -> list[torch.
         return decoded
 
 
-def prepare(image: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
-    """uint8 [3, h, w] -> float32 [3, crop, crop], on the image's device."""
-    _, height, width = image.shape
+def _constants(spec: Preprocessing, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std as [1, 3, 1, 1] tensors on `device`, made once: building them per photo
+    was two synchronous host-to-device copies each."""
+    key = (spec.mean, spec.std, str(device))
+    found = _CONSTANTS.get(key)
+    if found is None:
+        mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+        std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+        found = _CONSTANTS.setdefault(key, (mean, std))
+    return found
+
+
+_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def prepare_group(images: Sequence[torch.Tensor], spec: Preprocessing) -> torch.Tensor:
+    """uint8 [3, h, w] photos of one size -> float32 [k, 3, crop, crop], on their device, in
+    one resize, one crop and one normalization for the group."""
+    _, height, width = images[0].shape
     if width <= height:
         new_w, new_h = spec.resize, max(1, int(spec.resize * height / width))
     else:
         new_w, new_h = max(1, int(spec.resize * width / height)), spec.resize
-    resized = F.interpolate(
-        image[None].float(), size=(new_h, new_w), mode="bilinear", antialias=True
-    )[0]
+    batch = torch.stack(list(images)).float()
+    resized = F.interpolate(batch, size=(new_h, new_w), mode="bilinear", antialias=True)
     top = round((new_h - spec.crop) / 2.0)
     left = round((new_w - spec.crop) / 2.0)
-    crop = resized[:, top : top + spec.crop, left : left + spec.crop].clamp_(0, 255)
-    mean = torch.tensor(spec.mean, device=image.device).view(3, 1, 1)
-    std = torch.tensor(spec.std, device=image.device).view(3, 1, 1)
-    return (crop - mean) / std
+    crop = resized[:, :, top : top + spec.crop, left : left + spec.crop].clamp_(0, 255)
+    mean, std = _constants(spec, images[0].device)
+    return crop.sub_(mean).div_(std)
+
+
+def prepare(image: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
+    """uint8 [3, h, w] -> float32 [3, crop, crop], on the image's device."""
+    return prepare_group([image], spec)[0]
 
 
 def decode_rows(
     rows: Sequence[np.ndarray], spec: Preprocessing, device: torch.device
 ) -> tuple[list[torch.Tensor | None], list[int]]:
     """Prepared float32 [3, crop, crop] tensors for the encoded rows (None where one failed),
-    and the indices of the failures."""
+    and the indices of the failures. Photos of the same decoded size are prepared together."""
     decoded = _decode_all(rows, device)
-    prepared = [prepare(image, spec) if image is not None else None for image in decoded]
-    return prepared, [i for i, image in enumerate(prepared) if image is None]
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(decoded):
+        if image is not None:
+            by_size.setdefault(tuple(image.shape), []).append(i)
+    prepared: list[torch.Tensor | None] = [None] * len(decoded)
+    for indices in by_size.values():
+        group = prepare_group([decoded[i] for i in indices], spec)  # type: ignore[misc]
+        for j, i in enumerate(indices):
+            prepared[i] = group[j]
+    return prepared, [i for i, image in enumerate(decoded) if image is None]

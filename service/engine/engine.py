@@ -189,7 +189,7 @@ class TorchEngine(Engine):
         self.device = resolve_device(spec.device)
         # What actually runs: without CUDA every precision is fp32 (the card notes why).
         self.precision = spec.precision if self.device.type == "cuda" else "fp32"
-        self.buckets = batch_buckets(spec.max_batch_size)
+        self.buckets = batch_buckets(spec.max_batch_size, spec.batch_bucket_step)
         if self.device.type == "cuda":
             # Shapes are fixed per bucket, so cuDNN's one-time algorithm search pays off.
             torch.backends.cudnn.benchmark = True

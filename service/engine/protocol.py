@@ -124,6 +124,7 @@ class EngineSpec:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 (TF32 off) | tf32 | fp16
     max_batch_size: int = 32
+    batch_bucket_step: int = 4  # see runner.batch_buckets; 0: powers of two only
     layer_profile_every: int = 100  # 0 turns sampled per-layer profiling off
     models_dir: str = ""  # comma list searched before the shipped manifests
     cache_dir: str = ".escort-cache"  # auto-tuning decisions and prepared weights

@@ -33,15 +33,25 @@ SLOW_PASS_S = 0.05  # a sampled per-layer pass this long on the host is logged a
 WARM_CALLS = 3  # cuDNN autotuning, cuBLAS/cuSPARSE handles and kernel compiles happen here
 
 
-def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
-    """Powers of two below max_batch_size, then max_batch_size itself."""
+def batch_buckets(max_batch_size: int, step: int = 0) -> tuple[int, ...]:
+    """The batch sizes that get a CUDA graph: powers of two below max_batch_size, then
+    max_batch_size itself; with `step`, powers of two up to `step` and then every `step` rows
+    (1, 2, 4, 8, 16, 24, 32 for step 8), so that a partial batch pays for at most `step - 1`
+    padded rows instead of up to half the largest batch."""
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    if step < 0:
+        raise ValueError(f"the bucket step must be >= 0, got {step}")
     buckets, size = [], 1
-    while size < max_batch_size:
+    while size < max_batch_size and (step == 0 or size < step):
         buckets.append(size)
         size *= 2
-    return (*buckets, max_batch_size)
+    if step:
+        size = step
+        while size < max_batch_size:
+            buckets.append(size)
+            size += step
+    return tuple(sorted({*buckets, max_batch_size}))
 
 
 class Runner:

@@ -52,6 +52,8 @@ def test_model_metadata(client: TestClient) -> None:
     assert missing.status_code == 404 and "version" in missing.json()["error"]
     config = client.get(f"/v2/models/{FAKE_MODEL}/config").json()
     assert config["max_batch_size"] >= 1
+    # Triton's field, in microseconds: the servers of these tests batch for up to 5 ms.
+    assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 5000}
     assert [i["name"] for i in config["input"]] == ["image", "input"]
 
 

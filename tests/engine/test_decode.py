@@ -3,6 +3,7 @@ and a runner batch that mixes encoded photos with preprocessed rows."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,18 @@ def test_a_photo_that_does_not_decode_is_reported_by_index() -> None:
     torch.testing.assert_close(prepared[0], prepared[2])
 
 
+def test_a_mixed_batch_equals_each_photo_alone() -> None:
+    """Photos of one size are resized together; the result must not depend on the company."""
+    names = ["cat.jpg", "coffee.jpg", "cat.jpg", "rocket.jpg", "coffee.jpg"]
+    together, failed = decode_rows([_bytes(n) for n in names], SPEC, torch.device("cpu"))
+    assert failed == []
+    for name, got in zip(names, together, strict=True):
+        alone = decode_rows([_bytes(name)], SPEC, torch.device("cpu"))[0][0]
+        assert got is not None and alone is not None and got.shape == (3, 224, 224)
+        torch.testing.assert_close(got, alone, rtol=0, atol=1e-5)
+    assert not torch.equal(together[0], together[1])  # different photos stay different
+
+
 def test_only_1d_uint8_rows_are_encoded() -> None:
     assert is_encoded(_bytes("cat.jpg"))
     assert not is_encoded(np.zeros((3, 4, 4), np.float32))
@@ -78,3 +91,18 @@ def test_a_runner_batch_mixes_photos_and_tensors() -> None:
     alone = runner.infer(np.stack([decoded, tensor]))
     np.testing.assert_allclose(mixed[:2], alone, rtol=1e-5, atol=1e-6)
     assert np.isnan(mixed[2]).all()  # the broken photo answers NaN, the others are unharmed
+
+
+def test_the_decode_bench_times_every_path(tmp_path) -> None:
+    from bench import decode_bench
+
+    assert (
+        decode_bench.main(
+            ["--device", "cpu", "--batch", "3", "--reps", "1", "--out", str(tmp_path)]
+        )
+        == 0
+    )
+    record = json.loads((tmp_path / "decode.json").read_text())
+    assert record["batch"] == 3 and len(record["results"]) == 4
+    assert all(r["ms_per_batch"] > 0 for r in record["results"].values())
+    assert "| decode_rows (grouped by size) |" in (tmp_path / "decode.md").read_text()

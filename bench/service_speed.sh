@@ -21,7 +21,7 @@ df -h /dev/shm | tail -1 | tee -a "$R/device.txt"
 nproc | tee -a "$R/device.txt"
 MODEL=${SERVICE_MODEL:-resnet50-uniform90}
 CACHE=/tmp/escort-cache
-export ESCORT_MODELS=$MODEL ESCORT_BACKENDS=sparse,dense ESCORT_CACHE_DIR=$CACHE ESCORT_PRECISION=$PRECISION
+export ESCORT_MODELS=$MODEL ESCORT_BACKENDS=${SERVICE_BACKENDS:-sparse,dense} ESCORT_CACHE_DIR=$CACHE ESCORT_PRECISION=$PRECISION
 stamp() { echo "=== $1 $(date -u +%H:%M:%S)"; }
 
 if [ -n "${GPU_TESTS:-}" ]; then

@@ -9,7 +9,18 @@ from typing import Any
 from loadtest.promtext import Scrape, counter_by, histogram_by
 
 # In the order a request meets them; queue and compute come from their own metrics.
-STAGES = ("receive", "parse", "queue", "h2d", "replay", "d2h", "compute", "encode", "profile")
+STAGES = (
+    "receive",
+    "parse",
+    "queue",
+    "h2d",
+    "replay",
+    "d2h",
+    "compute",
+    "dispatch",
+    "encode",
+    "profile",
+)
 
 
 def stage_means(delta: Scrape, model: str) -> dict[str, dict[str, float]]:

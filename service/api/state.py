@@ -181,7 +181,7 @@ class ServiceState:
             if self._decode_in_engine(model, dispatcher, images):
                 return await self._classify_encoded(model, backend, images, deadline, dispatcher)
             batch = await self.preprocessor.images_to_batch(model.name, images, model.preprocessing)
-            return await dispatcher.submit(model.name, backend, batch, deadline)
+            return await self._submit(dispatcher, model, backend, batch, deadline)
 
     def _decode_in_engine(
         self, model: ModelDescription, dispatcher: Dispatcher, images: list[bytes]
@@ -201,7 +201,7 @@ class ServiceState:
     ) -> np.ndarray:
         """The photos go to the engine encoded; it decodes them in its batch, on its device."""
         rows = [np.frombuffer(data, dtype=np.uint8) for data in images]
-        probabilities = await dispatcher.submit(model.name, backend, rows, deadline)
+        probabilities = await self._submit(dispatcher, model, backend, rows, deadline)
         failed = np.flatnonzero(np.isnan(probabilities).any(axis=1))
         if failed.size:
             where = f"image {failed[0] + 1}: " if len(images) > 1 else ""
@@ -217,7 +217,23 @@ class ServiceState:
         self._check_count(int(tensor.shape[0]))
         dispatcher = self._dispatcher(model)
         async with self._outcome(model.name):
-            return await dispatcher.submit(model.name, backend, tensor, deadline)
+            return await self._submit(dispatcher, model, backend, tensor, deadline)
+
+    async def _submit(
+        self,
+        dispatcher: Dispatcher,
+        model: ModelDescription,
+        backend: str,
+        rows: Any,
+        deadline: float,
+    ) -> np.ndarray:
+        """The dispatcher's round trip, timed as the "dispatch" stage: from handing the rows
+        over to having their answers (queue, batch, and every hand-off between the HTTP
+        worker, the engine process and its threads)."""
+        started = time.perf_counter()
+        result = await dispatcher.submit(model.name, backend, rows, deadline)
+        self.observe_stage(model.name, backend, "dispatch", time.perf_counter() - started)
+        return result
 
     @asynccontextmanager
     async def _outcome(self, model: str) -> AsyncIterator[None]:

@@ -153,9 +153,7 @@ async def get_model_config(request: Request, model: str, version: str | None = N
     _check_version(model, version)
     state = get_state(request)
     settings = state.settings
-    return model_config(
-        state.describe(model), settings.max_batch_size, settings.max_batch_delay_ms
-    )
+    return model_config(state.describe(model), settings.max_batch_size, settings.max_batch_delay_ms)
 
 
 @router.get("/models/{model}/stats")

@@ -11,15 +11,17 @@ from tests.v2_bodies import tensor_body
 
 
 def test_the_routes_time_their_stages_and_the_report_tables_them() -> None:
-    with app_client(FakeEngine()) as client:
+    with app_client(FakeEngine(delay_s=0.02)) as client:
         for i in range(3):
             body = tensor_body(marked_tensor(i / 10), parameters={"backend": "dense"})
             assert client.post(f"/v2/models/{FAKE_MODEL}/infer", json=body).status_code == 200
         scrape = parse_metrics(client.get("/metrics").text)
     means = stage_means(scrape, FAKE_MODEL)
     assert set(means) == {"dense"}
-    assert {"receive", "parse", "encode"} <= set(means["dense"])
+    assert {"receive", "parse", "dispatch", "encode"} <= set(means["dense"])
     assert all(0 < ms < 1000 for ms in means["dense"].values())
+    # The round trip holds the batch (20 ms in this engine); the worker's own stages do not.
+    assert means["dense"]["dispatch"] >= 20 > means["dense"]["parse"]
     step = {
         "phase": "dense",
         "users": 4,

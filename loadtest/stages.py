@@ -79,7 +79,8 @@ def stages_markdown(report: dict[str, Any]) -> list[str]:
     rule = "|" + "---|" * (3 + len(STAGES))
     note = (
         "Means over each step. receive/parse/encode: per request in an HTTP worker; queue: per "
-        "image; h2d/replay/d2h: per batch, device time; compute: per batch as the batcher saw "
+        "image; wait: per batch, how long one launched early waited for the batch before it; "
+        "h2d/replay/d2h: per batch, device time; compute: per batch as the batcher saw "
         "it (h2d, replay, d2h and the hand-offs); profile: per sampled pass of the per-layer "
         "metric (ESCORT_LAYER_PROFILE_EVERY), device time that the batches behind it wait."
     )

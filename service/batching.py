@@ -317,7 +317,8 @@ class BatchQueue:
             # The batch's own time: from its launch, or, when it was launched while the one
             # before it still ran, from when that one finished.
             finished = time.monotonic()
-            elapsed = finished - max(start, min(self._last_done, finished))
+            began = max(start, min(self._last_done, finished))
+            elapsed = finished - began
             self._last_done = finished
         self.batches_run += 1
         self.images_run += size
@@ -327,6 +328,10 @@ class BatchQueue:
             elapsed if previous is None else previous + COMPUTE_EMA * (elapsed - previous)
         )
         self._metrics.compute_duration.labels(self.model, self.backend).observe(elapsed)
+        if self._pipelined:
+            # How long this batch, launched early, waited for the one before it to finish:
+            # queued on the device, so neither in the queue time nor in the batch's own time.
+            self._metrics.observe_stage(self.model, self.backend, "wait", began - start)
         self._metrics.batch_size.labels(self.model, self.backend).observe(size)
         for item, output in zip(batch, outputs, strict=True):
             if not item.future.done():

@@ -164,10 +164,11 @@ class Settings(BaseSettings):
         description="Images each HTTP worker can have in flight (shared-memory slots, one "
         "preprocessed image each); beyond it requests get 503.",
     )
-    image_decode: Literal["workers", "engine"] = Field(
-        "workers",
+    image_decode: Literal["auto", "workers", "engine"] = Field(
+        "auto",
         description="Where JPEG photos are decoded: workers (Pillow, in the HTTP worker "
-        "processes) or engine (torchvision, batched on the engine's device, nvJPEG on a GPU).",
+        "processes) or engine (torchvision, batched on the engine's device, nvJPEG on a GPU); "
+        "auto: engine when the model runs on a GPU (measured faster there), else workers.",
     )
     engine: Literal["torch", "null"] = Field(
         "torch",

@@ -186,8 +186,11 @@ class ServiceState:
     def _decode_in_engine(
         self, model: ModelDescription, dispatcher: Dispatcher, images: list[bytes]
     ) -> bool:
-        if self.settings.image_decode != "engine" or not model.decodes_images:
+        mode = self.settings.image_decode
+        if mode == "workers" or not model.decodes_images:
             return False
+        if mode == "auto" and not model.device.startswith("cuda"):
+            return False  # on a CPU the engine's one thread would decode what many workers can
         limit, capacity = self.settings.max_image_pixels, dispatcher.row_capacity()
         return all(engine_decodable(data, limit, capacity) for data in images)
 

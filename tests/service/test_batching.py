@@ -270,6 +270,12 @@ def test_a_full_next_batch_launches_while_one_is_on_the_device() -> None:
         assert sample(metrics, "escort_batch_size_count", labels) == 4
         # Each batch's own time: the sum cannot exceed the wall time although batches overlap.
         assert sample(metrics, "escort_compute_duration_seconds_sum", labels) <= wall + 0.01
+        # Batches 2-4 each waited most of a device time for the one before them: the "wait"
+        # stage, which neither the queue time nor the batch's own time holds.
+        wait = {**labels, "stage": "wait"}
+        assert sample(metrics, "escort_stage_duration_seconds_count", wait) == 4
+        waited = sample(metrics, "escort_stage_duration_seconds_sum", wait)
+        assert 3 * 0.05 < waited < wall
         assert await queue.drain(1.0)
         await queue.close()
         return wall

@@ -46,7 +46,7 @@ tail -3 "$R/layer_times.log"
 stamp servers
 ESCORT_ENGINE=null ESCORT_PORT=8001 python3 -m service.app >"$R/null-server.log" 2>&1 &
 null=$!
-ESCORT_DEVICE=cuda ESCORT_PORT=8000 python3 -m service.app >"$R/server.log" 2>&1 &
+ESCORT_SLOW_REQUEST_MS=${SLOW_REQUEST_MS:-40} ESCORT_DEVICE=cuda ESCORT_PORT=8000 python3 -m service.app >"$R/server.log" 2>&1 &
 server=$!
 
 # One load test per entry of PROTOCOL_RUNS (say "v1 v2": each protocol measured alone, against
@@ -66,6 +66,7 @@ done
 kill -TERM $server $null
 wait $server; echo "server exit $?"
 wait $null
-grep -i "error\|warning\|serving\|ready\|arena" "$R/server.log" | grep -v "health" | head -20
+grep -i "error\|warning\|serving\|ready\|arena" "$R/server.log" | grep -v "health\|slow request" | head -20
+grep -c "slow request" "$R/server.log"
 stamp done
 tar czf "$OUT/results-$RUN_NAME.tgz" -C "$OUT" "$RUN_NAME"

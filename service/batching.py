@@ -47,12 +47,27 @@ LOOKAHEAD_S = 0.002
 COMPUTE_EMA = 0.2  # weight of the newest batch in that running mean
 
 
+@dataclass
+class Timeline:
+    """When a request's rows moved through the batcher (time.monotonic(), one clock for every
+    process of a host; for rows that went in several batches, the last one's). A caller that
+    passes one to `submit` gets it filled; `service.api.state` turns it into stages."""
+
+    enqueued: float = 0.0
+    taken: float = 0.0  # its batch left the queue
+    began: float = 0.0  # its batch had the device (a batch launched early waits for the last)
+    finished: float = 0.0  # its batch's answers were back on the host
+
+
 @dataclass(eq=False)
 class _Pending:
     row: np.ndarray
     future: asyncio.Future[np.ndarray]
     deadline: float
     enqueued_at: float = field(default_factory=time.monotonic)
+    taken_at: float = 0.0
+    began_at: float = 0.0
+    finished_at: float = 0.0
 
 
 class BatchQueue:
@@ -123,7 +138,9 @@ class BatchQueue:
                 self._run(), name=f"batcher-{self.model}-{self.backend}"
             )
 
-    async def submit(self, batch: Sequence[np.ndarray], deadline: float) -> np.ndarray:
+    async def submit(
+        self, batch: Sequence[np.ndarray], deadline: float, timeline: Timeline | None = None
+    ) -> np.ndarray:
         """Queue the rows of `batch` (an [N, 3, H, W] array or a list of rows), wait for all of them, and return their results in order.
 
         Raises QueueFullError when the rows do not fit, DeadlineExceededError once `deadline`
@@ -171,6 +188,11 @@ class BatchQueue:
         except BaseException:
             self._abandon(futures)
             raise
+        if timeline is not None:
+            timeline.enqueued = now
+            timeline.taken = max(item.taken_at for item in pending)
+            timeline.began = max(item.began_at for item in pending)
+            timeline.finished = max(item.finished_at for item in pending)
         return np.stack(results)
 
     @staticmethod
@@ -194,6 +216,7 @@ class BatchQueue:
                     DeadlineExceededError("the request's deadline passed while it was queued")
                 )
                 continue
+            item.taken_at = now
             self._waited.observe(now - item.enqueued_at)
             self.queue_ns += int((now - item.enqueued_at) * 1e9)
             batch.append(item)
@@ -334,6 +357,7 @@ class BatchQueue:
             self._metrics.observe_stage(self.model, self.backend, "wait", began - start)
         self._metrics.batch_size.labels(self.model, self.backend).observe(size)
         for item, output in zip(batch, outputs, strict=True):
+            item.began_at, item.finished_at = began, finished
             if not item.future.done():
                 item.future.set_result(output)
 

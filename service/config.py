@@ -130,6 +130,12 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         "info", description="Log level of the service and of uvicorn."
     )
+    slow_request_ms: float = Field(
+        0.0,
+        ge=0,
+        description="Log an engine round trip longer than this, split into its parts (to the "
+        "engine, queue, wait, batch, back), at most one line a second per worker; 0: never.",
+    )
     access_log: bool = Field(
         False,
         description="One log line per request (uvicorn's access log); off by default, since at "

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.batching import BatchQueue
+from service.batching import BatchQueue, Timeline
 from service.config import Settings
 from service.engine.protocol import Engine, ModelDescription
 from service.metrics import ServiceMetrics
@@ -63,11 +63,17 @@ class Dispatcher(ABC):
 
     @abstractmethod
     async def submit(
-        self, model: str, backend: str, rows: Sequence[np.ndarray], deadline: float
+        self,
+        model: str,
+        backend: str,
+        rows: Sequence[np.ndarray],
+        deadline: float,
+        timeline: Timeline | None = None,
     ) -> np.ndarray:
         """Rows [3, H, W] (an [N, 3, H, W] array or a list of rows) -> probabilities
         [N, classes]. `deadline` is a time.monotonic() value (one clock for every process of
-        a host). Raises the ServiceErrors of the batcher: queue full, deadline, shutdown."""
+        a host). Raises the ServiceErrors of the batcher: queue full, deadline, shutdown.
+        A `timeline`, when given, is filled with when the rows moved through the batcher."""
 
     def row_capacity(self) -> int | None:
         """The most bytes one row may take on its way to the engine (None: no limit)."""
@@ -164,9 +170,14 @@ class LocalDispatcher(Dispatcher):
         return dict(models)
 
     async def submit(
-        self, model: str, backend: str, rows: Sequence[np.ndarray], deadline: float
+        self,
+        model: str,
+        backend: str,
+        rows: Sequence[np.ndarray],
+        deadline: float,
+        timeline: Timeline | None = None,
     ) -> np.ndarray:
-        return await self.batchers[(model, backend)].submit(rows, deadline)
+        return await self.batchers[(model, backend)].submit(rows, deadline, timeline)
 
     async def totals(self, model: str) -> BatchTotals:
         batchers = [b for (name, _), b in self.batchers.items() if name == model]

@@ -148,7 +148,8 @@ class ServiceMetrics:
         self.stage_duration = Histogram(
             "escort_stage_duration_seconds",
             "Time of one stage of the serving path: receive, parse, dispatch, encode (per "
-            "request, HTTP worker; dispatch: the engine's round trip); wait (per batch launched "
+            "request, HTTP worker; dispatch: the engine's round trip, to_engine and back: its "
+            "hand-offs); wait (per batch launched "
             "early, for the batch before it); h2d, replay, d2h (per batch, device time on the engine's streams); profile "
             "(per sampled pass of the per-layer metric).",
             ["model", "backend", "stage"],

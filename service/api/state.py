@@ -8,6 +8,7 @@ and submits to the Dispatcher (the engine here, or in the engine core process).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from service.batching import Timeline
 from service.config import Settings
 from service.dispatch import BatchTotals, Dispatcher
 from service.engine.protocol import ModelDescription
@@ -29,6 +31,8 @@ from service.errors import (
 )
 from service.metrics import ServiceMetrics
 from service.preprocess import Preprocessor, engine_decodable
+
+log = logging.getLogger("escort.app")
 
 
 @dataclass
@@ -65,6 +69,7 @@ class ServiceState:
         self._quiet = asyncio.Event()
         self._quiet.set()
         self._outcomes: dict[str, _Outcomes] = {}
+        self._slow_said = 0.0  # when a slow round trip was last logged
 
     # -- readiness and lifecycle ------------------------------------------------------------
 
@@ -230,12 +235,30 @@ class ServiceState:
         rows: Any,
         deadline: float,
     ) -> np.ndarray:
-        """The dispatcher's round trip, timed as the "dispatch" stage: from handing the rows
-        over to having their answers (queue, batch, and every hand-off between the HTTP
-        worker, the engine process and its threads)."""
-        started = time.perf_counter()
-        result = await dispatcher.submit(model.name, backend, rows, deadline)
-        self.observe_stage(model.name, backend, "dispatch", time.perf_counter() - started)
+        """The dispatcher's round trip, timed as stages: "dispatch" (from handing the rows over
+        to having their answers), and within it "to_engine" (until the batcher queued them)
+        and "back" (from their batch's answers on the engine's host to here), the hand-offs
+        between this worker, the engine process and its threads. A round trip longer than
+        ESCORT_SLOW_REQUEST_MS is logged with its parts (at most one line a second)."""
+        timeline = Timeline()
+        started = time.monotonic()
+        result = await dispatcher.submit(model.name, backend, rows, deadline, timeline)
+        ended = time.monotonic()
+        self.observe_stage(model.name, backend, "dispatch", ended - started)
+        if timeline.finished:
+            self.observe_stage(model.name, backend, "to_engine", timeline.enqueued - started)
+            self.observe_stage(model.name, backend, "back", ended - timeline.finished)
+            slow_s = self.settings.slow_request_ms / 1000.0
+            if slow_s and ended - started >= slow_s and ended - self._slow_said >= 1.0:
+                self._slow_said = ended
+                log.warning(
+                    "slow request on %s/%s: engine round trip %.1f ms = to engine %.1f + queue "
+                    "%.1f + wait %.1f + batch %.1f + back %.1f",
+                    model.name, backend, (ended - started) * 1e3,
+                    (timeline.enqueued - started) * 1e3, (timeline.taken - timeline.enqueued) * 1e3,
+                    (timeline.began - timeline.taken) * 1e3, (timeline.finished - timeline.began) * 1e3,
+                    (ended - timeline.finished) * 1e3,
+                )  # fmt: skip
         return result
 
     @asynccontextmanager

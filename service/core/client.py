@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from service.batching import Timeline
 from service.config import Settings
 from service.core.arena import SlotArena
 from service.core.messages import rebuild_error
@@ -45,6 +46,7 @@ ENGINE_GRACE_S = 5.0
 class _Call:
     future: asyncio.Future[Any]
     slots: list[int]
+    timeline: Timeline | None = None
 
 
 class RemoteDispatcher(Dispatcher):
@@ -83,7 +85,12 @@ class RemoteDispatcher(Dispatcher):
         return models
 
     async def submit(
-        self, model: str, backend: str, rows: Sequence[np.ndarray], deadline: float
+        self,
+        model: str,
+        backend: str,
+        rows: Sequence[np.ndarray],
+        deadline: float,
+        timeline: Timeline | None = None,
     ) -> np.ndarray:
         arena = self._arena
         if arena is None or not self._alive:
@@ -103,7 +110,7 @@ class RemoteDispatcher(Dispatcher):
             raise
         assert self._loop is not None
         request_id = next(self._ids)
-        call = _Call(self._loop.create_future(), slots)
+        call = _Call(self._loop.create_future(), slots, timeline)
         # Answers to calls nobody awaits any more (timed out, cancelled) are still consumed.
         call.future.add_done_callback(_retrieve)
         self._calls[request_id] = call
@@ -176,6 +183,11 @@ class RemoteDispatcher(Dispatcher):
         if call.slots and self._arena is not None:
             if kind == "done":
                 result: Any = self._arena.read_outputs(call.slots, message[2])
+                if call.timeline is not None:
+                    timeline = call.timeline
+                    timeline.enqueued, timeline.taken, timeline.began, timeline.finished = message[
+                        3
+                    ]
             self._arena.release(call.slots)
         if call.future.done():
             return

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from service import logs
+from service.batching import Timeline
 from service.config import Settings
 from service.core.arena import SlotArena
 from service.core.messages import error_message
@@ -125,13 +126,15 @@ class _WorkerLink:
                 raise EngineFailureError("the worker sent rows before its arena")
             shapes = [(n,) for n in lengths] if lengths else [desc.input_shape] * len(slots)
             rows = [self.arena.row(s, dtype, shape) for s, shape in zip(slots, shapes, strict=True)]
-            outputs = await self.dispatcher.submit(model, backend, rows, deadline)
+            timeline = Timeline()
+            outputs = await self.dispatcher.submit(model, backend, rows, deadline, timeline)
             del rows  # views into the arena: none may outlive the answer
             outputs = np.asarray(outputs, dtype=np.float32)
             classes = int(outputs.shape[1])
             for slot, row in zip(slots, outputs, strict=True):
                 self.arena.output(slot, classes)[:] = row
-            self.send(("done", request_id, classes))
+            times = (timeline.enqueued, timeline.taken, timeline.began, timeline.finished)
+            self.send(("done", request_id, classes, times))
         except asyncio.CancelledError:
             # The worker's client went away; the batcher dropped the rows. Answer anyway:
             # the worker frees the slots only on an answer.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,39 @@ def test_where_photos_are_decoded(mode, device, decodes, in_engine) -> None:
 
 def test_auto_is_the_default() -> None:
     assert make_settings().image_decode == "auto"
+
+
+def test_a_slow_round_trip_is_logged_with_its_parts(caplog) -> None:
+    from tests.service.fakes import FAKE_MODEL, FakeEngine, marked_tensor
+    from tests.service.servers import ThreadServer
+    from tests.v2_bodies import tensor_body
+
+    url = f"/v2/models/{FAKE_MODEL}/infer"
+    caplog.set_level(logging.WARNING, logger="escort.app")
+    slow = ThreadServer(FakeEngine(delay_s=0.03), slow_request_ms=20)
+    with slow as server, server.client() as http:
+        for i in range(3):
+            assert http.post(url, json=tensor_body(marked_tensor(i / 10))).status_code == 200
+    lines = [r.getMessage() for r in caplog.records if "slow request" in r.getMessage()]
+    assert len(lines) == 1, lines  # at most one a second
+    parts = re.search(
+        r"round trip ([\d.]+) ms = to engine ([\d.]+) \+ queue ([\d.]+) \+ wait ([\d.]+) \+ "
+        r"batch ([\d.]+) \+ back ([\d.]+)",
+        lines[0],
+    )
+    assert parts is not None, lines[0]
+    whole, *pieces = (float(x) for x in parts.groups())
+    assert pieces[3] >= 30 and whole >= 30  # the 30 ms batch
+    assert sum(pieces) == pytest.approx(whole, abs=0.5)
+
+
+def test_no_slow_log_by_default(caplog) -> None:
+    from tests.service.fakes import FAKE_MODEL, FakeEngine, marked_tensor
+    from tests.service.servers import ThreadServer
+    from tests.v2_bodies import tensor_body
+
+    caplog.set_level(logging.WARNING, logger="escort.app")
+    with ThreadServer(FakeEngine(delay_s=0.03)) as server, server.client() as http:
+        body = tensor_body(marked_tensor(0.1))
+        assert http.post(f"/v2/models/{FAKE_MODEL}/infer", json=body).status_code == 200
+    assert not [r for r in caplog.records if "slow request" in r.getMessage()]

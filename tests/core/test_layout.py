@@ -81,6 +81,16 @@ def test_metrics_add_up_over_every_process(server: ProcessServer) -> None:
         assert total(text, "escort_batch_size_sum") >= 20
         assert total(text, "escort_model_ready", model=FAKE_MODEL) == 1
         assert total(text, "escort_layer_sparsity", layer="conv2") == pytest.approx(0.9)
+    # The engine's timeline crosses the pipe: the round trip holds its hand-offs and its batch.
+    parts = {
+        stage: total(scrapes[0], "escort_stage_duration_seconds_sum", stage=stage)
+        for stage in ("dispatch", "to_engine", "back")
+    }
+    assert total(scrapes[0], "escort_stage_duration_seconds_count", stage="to_engine") >= 10
+    assert parts["to_engine"] > 0 and parts["back"] > 0
+    assert parts["to_engine"] + parts["back"] < parts["dispatch"]
+    compute = total(scrapes[0], "escort_compute_duration_seconds_sum")
+    assert parts["dispatch"] >= compute  # every batch answers a request whose trip holds it
     promtool = shutil.which("promtool")
     if promtool is not None:
         result = subprocess.run(

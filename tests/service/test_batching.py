@@ -261,8 +261,16 @@ def test_a_full_next_batch_launches_while_one_is_on_the_device() -> None:
         queue, metrics = fake.queue()
         queue.start()
         tensors = [marked_tensor(i / 20) for i in range(16)]
+        timelines = [batching.Timeline() for _ in tensors]
         started = time.monotonic()
-        results = await asyncio.gather(*(queue.submit(t, later(10)) for t in tensors))
+        results = await asyncio.gather(
+            *(queue.submit(t, later(10), line) for t, line in zip(tensors, timelines, strict=True))
+        )
+        for line in timelines:
+            assert started <= line.enqueued <= line.taken <= line.began < line.finished
+            assert line.finished - line.began >= 0.09  # its batch's own device time
+        # The last batch was launched while the third ran: it waited most of a device time.
+        assert timelines[-1].began - timelines[-1].taken >= 0.05
         wall = time.monotonic() - started
         for tensor, result in zip(tensors, results, strict=True):
             np.testing.assert_allclose(result, fake.engine.reference(tensor), rtol=1e-6)

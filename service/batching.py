@@ -58,6 +58,13 @@ class Timeline:
     began: float = 0.0  # its batch had the device (a batch launched early waits for the last)
     finished: float = 0.0  # its batch's answers were back on the host
 
+    def times(self) -> tuple[float, float, float, float]:
+        return (self.enqueued, self.taken, self.began, self.finished)
+
+    def update(self, times: tuple[float, float, float, float]) -> None:
+        """Take the times another process measured (they travel as `times()`)."""
+        self.enqueued, self.taken, self.began, self.finished = times
+
 
 @dataclass(eq=False)
 class _Pending:

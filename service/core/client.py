@@ -184,10 +184,7 @@ class RemoteDispatcher(Dispatcher):
             if kind == "done":
                 result: Any = self._arena.read_outputs(call.slots, message[2])
                 if call.timeline is not None:
-                    timeline = call.timeline
-                    timeline.enqueued, timeline.taken, timeline.began, timeline.finished = message[
-                        3
-                    ]
+                    call.timeline.update(message[3])
             self._arena.release(call.slots)
         if call.future.done():
             return

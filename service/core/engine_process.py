@@ -133,8 +133,7 @@ class _WorkerLink:
             classes = int(outputs.shape[1])
             for slot, row in zip(slots, outputs, strict=True):
                 self.arena.output(slot, classes)[:] = row
-            times = (timeline.enqueued, timeline.taken, timeline.began, timeline.finished)
-            self.send(("done", request_id, classes, times))
+            self.send(("done", request_id, classes, timeline.times()))
         except asyncio.CancelledError:
             # The worker's client went away; the batcher dropped the rows. Answer anyway:
             # the worker frees the slots only on an answer.

@@ -9,7 +9,8 @@ worker -> engine: ("hello", arena_name, slots, in_bytes, out_bytes)
                   ("cancel", request_id)
                   ("totals", request_id, model)
 engine -> worker: ("ready", {model: ModelDescription}) or ("failed", reason)
-                  ("done", request_id, classes)          outputs are in the slots
+                  ("done", request_id, classes, times)   outputs are in the slots;
+                  (times: the batcher's Timeline.times(), for the worker's stages)
                   ("error", request_id, kind, message, retry_after_s)
                   ("totals", request_id, BatchTotals)
 supervisor -> engine: ("stop",)

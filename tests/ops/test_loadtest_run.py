@@ -116,8 +116,10 @@ def test_compare_mode_is_bounded_in_requests(standin: Server, tmp_path: Path) ->
     ]  # fmt: skip
     for step in report["steps"]:
         assert set(step["by_backend"]) == {step["phase"]}
+        # Its share of the budget bounds each step; how soon it runs out depends on how busy
+        # the machine is (a loaded CI host took 3.0 s of the 3 s share once), so no timing here.
         assert step["requests"] <= 12
-        assert step["window_s"] < 2.5  # the budget ran out well before the 3 s share of time
+        assert step["window_s"] <= 3.0 + 0.5
     seen = _seen(standin)
     assert seen["inference"] <= 48
     assert seen["backend:sparse"] == pytest.approx(24, abs=2)

@@ -116,8 +116,9 @@ def test_compare_mode_is_bounded_in_requests(standin: Server, tmp_path: Path) ->
     ]  # fmt: skip
     for step in report["steps"]:
         assert set(step["by_backend"]) == {step["phase"]}
-        # Its share of the budget bounds each step; how soon it runs out depends on how busy
-        # the machine is (a loaded CI host took 3.0 s of the 3 s share once), so no timing here.
+        # Its share of the budget bounds each step. How soon the budget runs out depends on
+        # how busy the machine is (a loaded CI host once used all of the 3 s share), so only
+        # that the step kept to its share of the time is checked, not that it ended early.
         assert step["requests"] <= 12
         assert step["window_s"] <= 3.0 + 0.5
     seen = _seen(standin)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -59,10 +60,12 @@ def test_a_slow_round_trip_is_logged_with_its_parts(caplog) -> None:
     caplog.set_level(logging.WARNING, logger="escort.app")
     slow = ThreadServer(FakeEngine(delay_s=0.03), slow_request_ms=20)
     with slow as server, server.client() as http:
-        for i in range(3):
+        started = time.monotonic()
+        for i in range(4):
             assert http.post(url, json=tensor_body(marked_tensor(i / 10))).status_code == 200
+        seconds = time.monotonic() - started
     lines = [r.getMessage() for r in caplog.records if "slow request" in r.getMessage()]
-    assert len(lines) == 1, lines  # at most one a second
+    assert 1 <= len(lines) <= int(seconds) + 1, lines  # every request was slow; one line a second
     parts = re.search(
         r"round trip ([\d.]+) ms = to engine ([\d.]+) \+ queue ([\d.]+) \+ wait ([\d.]+) \+ "
         r"batch ([\d.]+) \+ back ([\d.]+)",

@@ -10,21 +10,17 @@ there). The delay comes from the server's Triton model config (`dynamic_batching
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from typing import Any
+
+from loadtest.promtext import get_json
 
 TARGET_SHARE = 0.7  # the share of saturation the bound is stated at
 
 
 def batch_delay_ms(url: str, model: str, api_key: str = "", timeout_s: float = 10.0):
     """ESCORT_MAX_BATCH_DELAY_MS as the server reports it; None when it does not say."""
-    request = urllib.request.Request(f"{url}/v2/models/{model}/config")
-    if api_key:
-        request.add_header("Authorization", f"Bearer {api_key}")
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as answer:  # noqa: S310 - loopback
-            config = json.loads(answer.read())
+        config = get_json(f"{url}/v2/models/{model}/config", timeout_s, api_key)
         return config["dynamic_batching"]["max_queue_delay_microseconds"] / 1000.0
     except (OSError, ValueError, KeyError, TypeError):
         return None

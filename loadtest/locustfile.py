@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import random
 import time
-import urllib.request
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -25,6 +24,7 @@ from locust import FastHttpUser, constant, events, task
 from loadtest.bodies import multipart_body, v2_binary_body, v2_tensor_body
 from loadtest.config import LoadtestConfig, check_loopback, load_config
 from loadtest.images import LoadImage, make_variants, preprocessed_tensor
+from loadtest.promtext import get_json
 
 V1 = "v1"
 V2 = "v2"
@@ -83,14 +83,6 @@ class LoadPlan:
 
 
 PLAN: LoadPlan | None = None
-
-
-def get_json(url: str, timeout_s: float, api_key: str = "") -> Any:
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
-    if api_key:
-        request.add_header("Authorization", f"Bearer {api_key}")
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - loopback only
-        return json.loads(response.read())
 
 
 def discover(config: LoadtestConfig) -> tuple[str, list[str], dict[str, Any]]:

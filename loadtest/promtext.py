@@ -2,15 +2,18 @@
 
 The load test reads the server's own histograms instead of guessing: the mean batch size comes
 from `escort_batch_size` and per-layer latency from `escort_layer_duration_seconds`, each as the
-difference of `_sum` and `_count` between the scrapes that bracket a step.
+difference of `_sum` and `_count` between the scrapes that bracket a step. `get_json` reads the
+server's other endpoints (model listing, metadata, config) the same way, with the API key.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import urllib.request
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -33,12 +36,20 @@ def parse_metrics(text: str) -> Scrape:
     return scrape
 
 
-def fetch_metrics(url: str, timeout_s: float = 10.0, api_key: str = "") -> Scrape:
-    request = urllib.request.Request(url, headers={"Accept": "text/plain"})
+def _read(url: str, accept: str, timeout_s: float, api_key: str) -> bytes:
+    request = urllib.request.Request(url, headers={"Accept": accept})
     if api_key:
         request.add_header("Authorization", f"Bearer {api_key}")
     with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - loopback only
-        return parse_metrics(response.read().decode("utf-8"))
+        return response.read()
+
+
+def fetch_metrics(url: str, timeout_s: float = 10.0, api_key: str = "") -> Scrape:
+    return parse_metrics(_read(url, "text/plain", timeout_s, api_key).decode("utf-8"))
+
+
+def get_json(url: str, timeout_s: float = 10.0, api_key: str = "") -> Any:
+    return json.loads(_read(url, "application/json", timeout_s, api_key))
 
 
 def scrape_all(urls: Iterable[str], timeout_s: float = 10.0, api_key: str = "") -> list[Scrape]:

@@ -12,15 +12,13 @@ Locust driver over the successful ones.
 
 from __future__ import annotations
 
-import json
 import random
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
 from loadtest.bodies import multipart_body, v2_binary_body, v2_tensor_body
 from loadtest.config import LoadtestConfig
-from loadtest.promtext import Scrape
+from loadtest.promtext import Scrape, get_json
 from loadtest.report import server_stats
 from loadtest.stages import cores_busy
 from loadtest.wrk import RequestSpec, WrkBinary, run_wrk
@@ -28,19 +26,11 @@ from loadtest.wrk import RequestSpec, WrkBinary, run_wrk
 TOP_K = 5  # as the Locust v1 users ask
 
 
-def _get_json(url: str, config: LoadtestConfig) -> Any:
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
-    if config.api_key:
-        request.add_header("Authorization", f"Bearer {config.api_key}")
-    with urllib.request.urlopen(request, timeout=config.timeout_s) as answer:  # noqa: S310 - loopback
-        return json.loads(answer.read())
-
-
 def tensor_shape(config: LoadtestConfig, model: str, card: dict[str, Any]) -> tuple[int, int, int]:
     """[C, H, W] of the model's FP32 `input`, from its V2 metadata; the card's crop when the
     server has no /v2/models/{m} (the test stand-in)."""
     try:
-        metadata = _get_json(f"{config.urls[0]}/v2/models/{model}", config)
+        metadata = get_json(f"{config.urls[0]}/v2/models/{model}", config.timeout_s, config.api_key)
         shape = next(i["shape"] for i in metadata["inputs"] if i["name"] == "input")
         channels, height, width = (int(d) for d in shape[1:])
         return channels, height, width

@@ -19,7 +19,14 @@ from loadtest.ceilings import ceilings_markdown
 from loadtest.envelope import envelope_markdown
 from loadtest.layerbench import layer_bench_markdown
 from loadtest.promtext import Scrape, bucket_counts, counter_by, histogram_by, histogram_quantile
-from loadtest.stages import cores_busy, cores_markdown, stage_means, stages_markdown
+from loadtest.stages import (
+    cores_busy,
+    cores_markdown,
+    stage_means,
+    stage_quantiles,
+    stages_markdown,
+    tails_markdown,
+)
 from loadtest.summary import conclusion, series
 
 __all__ = ["series"]  # plots and scaling read the lines from here
@@ -92,9 +99,16 @@ def server_stats(delta: Scrape, model: str) -> dict[str, Any]:
             if h["count"]
         },
         "mean_queue_ms": _ms(queue["mean"]) if queue else None,
+        "queue_p99_ms": _ms(histogram_quantile(0.99, queue["buckets"])) if queue else None,
+        "compute_p99_ms": {
+            b: _ms(histogram_quantile(0.99, h["buckets"]))
+            for (b,), h in compute.items()
+            if h["count"]
+        },
         "requests_by_code": {code: int(n) for (code,), n in sorted(codes.items()) if n},
         "rejected": {reason: int(n) for (reason,), n in sorted(rejected.items()) if n},
         "mean_stage_ms": stage_means(delta, model),
+        "p99_stage_ms": stage_quantiles(delta, model),
     }
 
 
@@ -271,6 +285,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     out += ["", "## Backends side by side", "", side_by_side_markdown(report), ""]
     out += envelope_markdown(report)
     out += stages_markdown(report)
+    out += tails_markdown(report)
     out += cores_markdown(report)
     out += _layers_markdown(report)
     # Sections of the wrk-era additions, present only when measured (issue 10).

@@ -1,26 +1,33 @@
 """Where a request's time goes, from the server's own stage metrics: receive, parse and encode
 in the HTTP workers (per request), queue (per image), h2d, replay and d2h on the device (per
-batch, from CUDA events on the engine's streams), and the whole batch (compute)."""
+batch, from CUDA events on the engine's streams), and the whole batch (compute); the means of
+each step, and the p99 of each stage (which part makes a slow request slow)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from loadtest.promtext import Scrape, counter_by, histogram_by
+from loadtest.promtext import Scrape, counter_by, histogram_by, histogram_quantile
 
 # In the order a request meets them; queue and compute come from their own metrics.
 STAGES = (
     "receive",
     "parse",
+    "to_engine",
     "queue",
+    "wait",
     "h2d",
     "replay",
     "d2h",
     "compute",
+    "back",
     "dispatch",
     "encode",
     "profile",
 )
+# The stages whose tails the p99 table shows: each request's parts in the worker and the
+# engine (the device stages are per batch and steady; the tail is in the hand-offs or not).
+TAIL_STAGES = ("receive", "parse", "to_engine", "queue", "wait", "compute", "back", "dispatch")
 
 
 def stage_means(delta: Scrape, model: str) -> dict[str, dict[str, float]]:
@@ -32,6 +39,20 @@ def stage_means(delta: Scrape, model: str) -> dict[str, dict[str, float]]:
     for (backend, stage), hist in groups.items():
         if hist["count"]:
             out.setdefault(backend, {})[stage] = float(hist["mean"]) * 1e3
+    return out
+
+
+def stage_quantiles(delta: Scrape, model: str, q: float = 0.99) -> dict[str, dict[str, float]]:
+    """backend -> stage -> the q-quantile in ms over one step, from the histogram's buckets
+    (Prometheus's interpolation: read it to a bucket's width)."""
+    groups = histogram_by(
+        delta, "escort_stage_duration_seconds", ("backend", "stage"), {"model": model}
+    )
+    out: dict[str, dict[str, float]] = {}
+    for (backend, stage), hist in groups.items():
+        value = histogram_quantile(q, hist["buckets"]) if hist["count"] else None  # type: ignore[arg-type]
+        if value is not None:
+            out.setdefault(backend, {})[stage] = value * 1e3
     return out
 
 
@@ -85,6 +106,50 @@ def stages_markdown(report: dict[str, Any]) -> list[str]:
         "metric (ESCORT_LAYER_PROFILE_EVERY), device time that the batches behind it wait."
     )
     return ["## Where the time goes", "", note, "", head, rule, *[r + " |" for r in rows], ""]
+
+
+def tails_markdown(report: dict[str, Any]) -> list[str]:
+    """p99 of each part of a request beside the client's and the server's p99, per step and
+    backend: where the tail lives (the client, the worker, the hand-offs, queue or device)."""
+    rows = []
+    for step in report["steps"]:
+        server = step["server"]
+        for backend, tails in sorted((server.get("p99_stage_ms") or {}).items()):
+            values = dict(tails)
+            values["queue"] = server.get("queue_p99_ms")
+            values["compute"] = (server.get("compute_p99_ms") or {}).get(backend)
+            cells = [_cell(_client_p99(step, backend)),
+                     _cell((server.get("request_p99_ms") or {}).get(backend))]  # fmt: skip
+            cells += [_cell(values.get(stage)) for stage in TAIL_STAGES]
+            users = (
+                f"{step['users']} (think {step['think_ms']})"
+                if step.get("think_ms")
+                else step["users"]
+            )
+            rows.append(f"| {step['phase']} | {users} | {backend} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    head = (
+        "| phase | users | backend | client ms | server ms | "
+        + " | ".join(f"{s} ms" for s in TAIL_STAGES)
+        + " |"
+    )
+    rule = "|" + "---|" * (5 + len(TAIL_STAGES))
+    note = (
+        "p99 of each step: at the load generator (client), over the server's whole request "
+        "(server), and of each part on its own (from the stage histograms; queue per image, "
+        "wait and compute per batch). The parts' p99s do not add up to the whole's; the part "
+        "whose p99 stands out over its mean (the table above) is where slow requests lose time."
+    )
+    return ["## Where the tail goes", "", note, "", head, rule, *rows, ""]
+
+
+def _client_p99(step: dict[str, Any], backend: str) -> float | None:
+    """The load generator's p99 for one backend's requests in a step."""
+    own = (step.get("by_backend") or {}).get(backend)
+    if own is None and step.get("phase") != backend:
+        return None
+    return ((own or step).get("latency_ms") or {}).get("p99")
 
 
 def _cell(value: float | None) -> str:

@@ -4,7 +4,16 @@ them (and the engine's device stages when there are any) from the server's metri
 from __future__ import annotations
 
 from loadtest.promtext import parse_metrics
-from loadtest.stages import STAGES, cores_busy, cores_markdown, stage_means, stages_markdown
+from loadtest.stages import (
+    STAGES,
+    TAIL_STAGES,
+    cores_busy,
+    cores_markdown,
+    stage_means,
+    stage_quantiles,
+    stages_markdown,
+    tails_markdown,
+)
 from tests.service.fakes import FAKE_MODEL, FakeEngine, marked_tensor
 from tests.service.servers import app_client
 from tests.v2_bodies import tensor_body
@@ -51,3 +60,35 @@ def test_cores_busy_per_role_and_its_table() -> None:
     assert lines[0] == "## CPU by process"
     assert "| sparse | 64 | 0.9 | 3 | 1.25 |" in lines
     assert not any(line.startswith("| sparse | 1 |") for line in lines)  # nothing measured
+
+
+def test_stage_p99_from_the_buckets_and_the_tail_table() -> None:
+    # 100 round trips: 98 under 10 ms, 2 between 30 and 40 ms; to_engine all under 1 ms.
+    lines = ["# TYPE escort_stage_duration_seconds histogram"]
+    for stage, counts in {"dispatch": {"0.01": 98, "0.03": 98, "0.04": 100, "+Inf": 100},
+                          "to_engine": {"0.001": 100, "+Inf": 100}}.items():  # fmt: skip
+        for le, n in counts.items():
+            lines.append(f'escort_stage_duration_seconds_bucket{{model="m",backend="sparse",'
+                         f'stage="{stage}",le="{le}"}} {n}')  # fmt: skip
+        lines.append(
+            f'escort_stage_duration_seconds_count{{model="m",backend="sparse",stage="{stage}"}} 100'
+        )
+        lines.append(
+            f'escort_stage_duration_seconds_sum{{model="m",backend="sparse",stage="{stage}"}} 1'
+        )
+    tails = stage_quantiles(parse_metrics("\n".join(lines) + "\n"), "m")
+    # rank 99 of 100 sits halfway through the 30-40 ms bucket's two samples
+    assert abs(tails["sparse"]["dispatch"] - 35.0) < 1e-6
+    assert tails["sparse"]["to_engine"] <= 1.0
+    step = {"phase": "sparse", "users": 250, "think_ms": 100, "latency_ms": {"p99": 41.0},
+            "server": {"p99_stage_ms": tails, "request_p99_ms": {"sparse": 38.0},
+                       "queue_p99_ms": 4.0, "compute_p99_ms": {"sparse": 9.5}}}  # fmt: skip
+    table = tails_markdown({"steps": [step]})
+    assert table[0] == "## Where the tail goes"
+    row = next(line for line in table if line.startswith("| sparse | 250 (think 100) | sparse |"))
+    cells = [c.strip() for c in row.strip("|").split("|")][3:]
+    assert cells[:2] == ["41", "38"]
+    parts = dict(zip(TAIL_STAGES, cells[2:], strict=True))
+    assert parts["dispatch"] == "35" and parts["queue"] == "4" and parts["compute"] == "9.5"
+    assert parts["wait"] == "-"
+    assert tails_markdown({"steps": [{**step, "server": {}}]}) == []

@@ -19,6 +19,8 @@ bash loadtest/unpack_debs.sh /tmp/debs >/dev/null
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$R/device.txt"
 df -h /dev/shm | tail -1 | tee -a "$R/device.txt"
 nproc | tee -a "$R/device.txt"
+python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)" | tee -a "$R/device.txt"
+python3 -c "import uvloop; print('uvloop', uvloop.__version__)" 2>&1 | tail -1 | tee -a "$R/device.txt"
 MODEL=${SERVICE_MODEL:-resnet50-uniform90}
 CACHE=/tmp/escort-cache
 export ESCORT_MODELS=$MODEL ESCORT_BACKENDS=${SERVICE_BACKENDS:-sparse,dense} ESCORT_CACHE_DIR=$CACHE ESCORT_PRECISION=$PRECISION

@@ -202,6 +202,7 @@ async def serve_engine(
         await dispatcher.close()
         return LOAD_FAILED
     freeze_heap()
+    log.debug("engine event loop: %s", type(loop).__module__.split(".")[0])
     links = [_WorkerLink(i, conn, dispatcher, models) for i, conn in enumerate(conns)]
     for link in links:
         link.send(("ready", models))
@@ -227,4 +228,18 @@ def main(
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logs.configure(logs.ENGINE, settings.log_level)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    sys.exit(asyncio.run(serve_engine(settings, control, conns, engine_factory)))
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        code = runner.run(serve_engine(settings, control, conns, engine_factory))
+    sys.exit(code)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop where it is installed (uvicorn[standard] brings it, and the HTTP workers
+    run on it), else asyncio's. Every request crosses this loop twice, once in and once out,
+    and a batch's answers leave it one after another: its cost per callback is what the last
+    request of a batch waits for (the "back" stage)."""
+    try:
+        import uvloop  # noqa: PLC0415 - optional
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()

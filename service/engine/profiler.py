@@ -19,7 +19,16 @@ whose end event was queued too late for that bound is dropped from the pass (dev
 not depend on host timing, so dropping does not bias the samples); the next pass sizes its
 busy-wait from the host time just seen (the median of the last few passes).
 
-Cost of a profiled pass, once every N batches: about sum(sleep) + sum(device time). The sleeps
+On CUDA with graphs there is a better way, used first (`capture_layer_events`): events around
+every layer captured into a second CUDA graph per batch bucket. A sampled batch replays that
+graph instead of the plain one: its layers run back to back as in any replay, the events add a
+few microseconds, and the host does no more than for any batch. The eager pass below stays for
+the CPU and for a bucket whose graph could not be captured. (The eager pass held the engine
+thread for tens of milliseconds, host time on a busy process, and every batch queued behind
+it waited: on the H200 that pause, every 1,000 batches, was what made p99 at 70% of
+saturation, run 6 in docs/service.md.)
+
+Cost of an eager profiled pass, once every N batches: about sum(sleep) + sum(device time). The sleeps
 fill time the GPU would idle anyway while the slow host launches the layers, so the pass takes
 about as long as the eager forward's host time plus a margin (~50 us or half a layer's host time
 per layer). Without `torch.cuda._sleep` it falls back to plain events around each layer.
@@ -31,7 +40,8 @@ import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -324,3 +334,67 @@ class LayerProfiler:
             event.record()
             return event
         return time.perf_counter()
+
+
+# ------------------------------------------------------------ events captured in a graph
+
+
+@dataclass
+class CapturedLayers:
+    """The events a CUDA graph records around each layer, read after each replay."""
+
+    marks: list[tuple[str, str, Any, Any]] = field(default_factory=list)  # name, op, start, end
+
+    def records(self) -> list[LayerRecord]:
+        """Each layer's device time in the graph's latest replay; call once it finished."""
+        return [(name, op, start.elapsed_time(end) / 1e3) for name, op, start, end in self.marks]
+
+
+def graph_events_supported() -> bool:
+    """Whether this torch records timing events as nodes of a captured graph."""
+    try:
+        torch.cuda.Event(enable_timing=True, external=True)
+    except (TypeError, RuntimeError):  # torch without the `external` flag, or no CUDA
+        return False
+    return True
+
+
+@contextmanager
+def capture_layer_events(model: nn.Module) -> Iterator[CapturedLayers]:
+    """Within it, every profiled layer that the calling thread runs records a timing event
+    before and after itself (`external`: inside a graph capture, each record is a node of the
+    graph, so every replay times the layers again). Other threads' calls are left alone."""
+    captured = CapturedLayers()
+    owner = threading.get_ident()
+    starts: dict[str, Any] = {}
+
+    def before(name: str) -> Callable:
+        def hook(module: nn.Module, args: Any) -> None:
+            if threading.get_ident() == owner:
+                starts[name] = _external_event()
+
+        return hook
+
+    def after(name: str) -> Callable:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if threading.get_ident() == owner and name in starts:
+                end = _external_event()
+                captured.marks.append((name, op_name(module), starts.pop(name), end))
+
+        return hook
+
+    handles = []
+    try:
+        for name, module in profiled_layers(model):
+            handles.append(module.register_forward_pre_hook(before(name)))
+            handles.append(module.register_forward_hook(after(name), prepend=True))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _external_event() -> Any:
+    event = torch.cuda.Event(enable_timing=True, external=True)
+    event.record()
+    return event

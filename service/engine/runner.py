@@ -4,7 +4,10 @@ On CUDA the runner owns a stream, pinned host buffers and one CUDA graph per bat
 (1, 2, 4, ... max_batch_size). A batch is copied into its bucket's static input (the rows past
 it keep stale, finite data whose outputs are dropped), the graph is replayed, and the rows that
 matter come back through the pinned output buffer: one synchronize per batch and no Python per
-layer. One batch in every `profile_every` runs eagerly under the layer profiler instead.
+layer. One batch in every `profile_every` is sampled for the per-layer metric: it replays its
+bucket's timed graph (the same graph with timing events around every layer, captured beside the
+plain one), or, where there is none (the CPU, a bucket that could not be captured), runs an
+eager pass under the layer profiler after the batch.
 """
 
 from __future__ import annotations
@@ -24,7 +27,12 @@ from service.engine.backends import set_precision_flags
 from service.engine.decode import decode_rows, is_encoded
 from service.engine.errors import BadBatchError
 from service.engine.hostcopy import PinnedRanges, copy_rows
-from service.engine.profiler import LayerProfiler
+from service.engine.profiler import (
+    CapturedLayers,
+    LayerProfiler,
+    capture_layer_events,
+    graph_events_supported,
+)
 from service.engine.protocol import LayerObserver, Preprocessing, StageObserver
 
 log = logging.getLogger(__name__)
@@ -97,6 +105,9 @@ class Runner:
         self._lock = threading.Lock()
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._graph_out: dict[int, torch.Tensor] = {}
+        # Per bucket, the timed graph that sampled batches replay: graph, output, its events.
+        self._timed: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, CapturedLayers]] = {}
+        self._timed_unread = False  # a timed replay whose events are not read yet
         self._static_in: dict[int, torch.Tensor] = {}
         # Device staging per pipeline slot and row dtype; what a slot's last batch left there
         # is read (by its copy into the static input) before `_slot_done[slot]` fires.
@@ -158,6 +169,8 @@ class Runner:
                     self.stream.synchronize()
                     if self.use_graphs:
                         out = self._capture(b, x, pool)
+                        if b in self._graphs and self._samples_layers():
+                            self._capture_timed(b, x, pool)
                 self.num_classes = int(out.shape[1])
             self.stream.synchronize()
             top = self.buckets[-1]
@@ -169,10 +182,12 @@ class Runner:
         the sampled per-layer pass). PyTorch keeps cuDNN's tuned plans per host thread, so
         without this the first sampled pass of each bucket there tunes every dense conv again
         (hundreds of milliseconds, with the device held and the batches behind it waiting)."""
-        if not self.cuda or self.profiler is None or self.profile_every <= 0:
+        if not self.cuda or not self._samples_layers():
             return
         if not self.warmed:
             self.warm()
+        if set(self._timed) >= set(self.buckets):
+            return  # every bucket samples through its timed graph: no eager pass here
         with self._lock, self.context():
             for b in self.buckets:
                 self.forward(self._static_in[b])
@@ -201,6 +216,39 @@ class Runner:
         self._graphs[b], self._graph_out[b] = graph, out
         return out
 
+    def _samples_layers(self) -> bool:
+        return self.profiler is not None and self.profile_every > 0
+
+    def _capture_timed(self, b: int, x: torch.Tensor, pool) -> None:
+        """Bucket b's timed graph: the plain graph's work with a timing event before and after
+        every layer, recorded as nodes of the graph (profiler.capture_layer_events). Without
+        it, that bucket's sampled batches take the eager pass."""
+        if not graph_events_supported():
+            return
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with (
+                capture_layer_events(self.module) as layers,
+                torch.cuda.graph(
+                    graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"
+                ),
+            ):
+                out = self.forward(x)
+        except RuntimeError as exc:
+            log.warning(
+                "%s/%s: bucket %d samples its layers eagerly, its timed graph failed: %s",
+                self.model_name, self.backend, b, exc,
+            )  # fmt: skip
+            torch.cuda.synchronize(self.device)
+            return
+        if layers.marks:
+            self._timed[b] = (graph, out, layers)
+
+    @property
+    def timed_buckets(self) -> tuple[int, ...]:
+        """Buckets whose sampled batches replay a timed graph."""
+        return tuple(sorted(self._timed))
+
     @property
     def graph_buckets(self) -> tuple[int, ...]:
         return tuple(sorted(self._graphs))
@@ -209,6 +257,7 @@ class Runner:
         with self._lock:
             self._graphs.clear()
             self._graph_out.clear()
+            self._timed.clear()
             self.warmed = False
 
     # ------------------------------------------------------------ running
@@ -272,6 +321,8 @@ class Runner:
             # A photo that did not decode answers NaN: the service turns it into a 400.
             launched.result[launched.failed] = np.nan
             self._report_stages(launched.marks)
+            if launched.layers is not None:
+                self._report_timed(launched.layers)
         return launched.result
 
     def _launch(self, batch: Sequence[np.ndarray]) -> Launched:
@@ -324,14 +375,22 @@ class Runner:
             marks[2].record(self.stream)
             static = self._static_in[b]
             static[:n].copy_(stage[:n])  # on the device; casts FP16 rows for an fp32 model
-            out = self._run_bucket(b)
+            sampled = self._timed.get(b) if profile else None
+            if sampled is not None and self._timed_unread:
+                sampled, profile = None, False  # the last sample is not read yet: skip this one
+            if sampled is not None:
+                sampled[0].replay()  # the batch itself, its layers timed on the way
+                out = sampled[1]
+                self._timed_unread = True
+            else:
+                out = self._run_bucket(b)
             marks[3].record(self.stream)
             host = self._host_out[slot][:n]
             host.copy_(out[:n], non_blocking=True)
             done = marks[4]
             done.record(self.stream)
             self._slot_done[slot] = done
-            if profile:
+            if profile and sampled is None:
                 # After the batch, on its own static input, on the same stream: the sampled
                 # pass never changes what the batch computes or returns. Its own device time
                 # (the "profile" stage) is what it costs the batches queued behind it.
@@ -341,7 +400,9 @@ class Runner:
                     profiled = torch.cuda.Event(enable_timing=True)
                     profiled.record(self.stream)
                     self._profile_marks = (done, profiled)
-        return Launched(done=done, host=host, failed=failed, marks=marks if timed else []), records
+        launched = Launched(done=done, host=host, failed=failed, marks=marks if timed else [])
+        launched.layers = sampled[2] if sampled is not None else None
+        return launched, records
 
     def _stage(self, slot: int, batch: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[int]]:
         """Copy the batch's rows to the device (on the current stream, the copy stream), and
@@ -469,6 +530,17 @@ class Runner:
         except Exception:  # a metrics hiccup must never fail a batch
             log.exception("stage observer failed for %s/%s", self.model_name, self.backend)
 
+    def _report_timed(self, layers: CapturedLayers) -> None:
+        """The layer times of a sampled batch's timed replay, once the batch is back."""
+        try:
+            records = layers.records()
+        except Exception:  # an unreadable event must never fail the batch
+            log.exception("timed layers unreadable for %s/%s", self.model_name, self.backend)
+            records = []
+        finally:
+            self._timed_unread = False
+        self._report(records)
+
     def _report(self, records: list) -> None:
         for layer, op, seconds in records:
             try:
@@ -492,6 +564,7 @@ class Launched:
     result: np.ndarray | None = None
     failed: list[int] = field(default_factory=list)  # photos that did not decode
     marks: list = field(default_factory=list)  # timing events of the batch's stages, or none
+    layers: CapturedLayers | None = None  # a sampled batch's timed layers, read at collect
 
 
 def _torch_pinned(row: np.ndarray) -> bool:

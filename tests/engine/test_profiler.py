@@ -16,6 +16,7 @@ from torch import nn
 from service.engine import profiler as prof
 from service.engine.profiler import (
     LayerProfiler,
+    capture_layer_events,
     exact_layers,
     host_budget,
     sleep_cycles,
@@ -42,6 +43,42 @@ def test_one_record_per_layer_with_positive_times() -> None:
     assert all(r[2] > 0 for r in records)
     assert p.last_pass.mode == "cpu" and p.last_pass.reported == 5 and not p.last_pass.dropped
     assert p.run(lambda: model(x))[1][0][0] == "0"  # reusable; hooks were removed
+    assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks
+
+
+class _StepEvent:
+    """A CUDA event stand-in on the CPU: each record() reads the next tick of a clock (1 ms)."""
+
+    ticks = iter(range(10_000))
+
+    def __init__(self, enable_timing: bool = False, external: bool = False) -> None:
+        assert enable_timing and external  # timing events that a graph capture keeps as nodes
+        self.tick: int | None = None
+
+    def record(self) -> None:
+        self.tick = next(self.ticks)
+
+    def elapsed_time(self, end: _StepEvent) -> float:
+        assert self.tick is not None and end.tick is not None
+        return float(end.tick - self.tick)
+
+
+def test_captured_layer_events_time_each_layer_of_the_capturing_thread(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "Event", _StepEvent)
+    model, x = tiny(), torch.randn(1, 3, 8, 8)
+    with capture_layer_events(model) as captured:
+        model(x)
+        other = threading.Thread(target=lambda: model(x))  # e.g. another runner sharing ops
+        other.start()
+        other.join()
+    records = captured.records()
+    assert [(r[0], r[1]) for r in records] == [
+        ("0", "conv_torch"), ("1", "activation"), ("2", "pool"), ("3", "reshape"), ("4", "linear"),
+    ]  # fmt: skip
+    # Each layer's end event is the record right after its start: one tick, 1 ms.
+    assert [r[2] for r in records] == [1e-3] * 5
+    model(x)
+    assert len(captured.marks) == 5  # the hooks are gone
     assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks
 
 

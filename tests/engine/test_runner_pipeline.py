@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from service.engine.assemble import build_backend
-from service.engine.profiler import LayerProfiler
+from service.engine.profiler import LayerProfiler, profiled_layers
+from service.engine.runner import Runner
 from tests.engine.test_gpu import BUCKETS, _images, _model, _runner
 
 pytestmark = pytest.mark.gpu
@@ -108,7 +109,46 @@ def test_each_batch_reports_its_device_stages() -> None:
     runner.close()
 
 
+@pytest.mark.parametrize("backend", ["dense", "sparse"])
+def test_a_sampled_batch_replays_its_timed_graph(backend: str) -> None:
+    _, prepared = _model("resnet50-uniform90")
+    built = build_backend(prepared, backend, torch.device("cuda"), "fp32", buckets=BUCKETS,
+                          tune_kernel=False)  # fmt: skip
+    layers: list[tuple[str, str, float]] = []
+    stages: list[tuple[str, float]] = []
+    runner = Runner(
+        built, model_name="m", input_shape=prepared.input_shape, max_batch_size=max(BUCKETS),
+        buckets=BUCKETS, probabilities=False, profile_every=2,
+        observer=lambda model, backend, layer, op, s: layers.append((layer, op, s)),
+        stage_observer=lambda model, backend, stage, s: stages.append((stage, s)),
+    )  # fmt: skip
+    runner.warm()
+    assert runner.timed_buckets == BUCKETS
+    images = _images("resnet50-uniform90", 32)
+    rows, keep = _pinned_rows(images[:7])
+    first = runner.infer_rows(rows)
+    assert layers == []  # the first batch is not sampled
+    sampled = runner.infer_rows(rows)  # the second is: bucket 8's timed graph
+    np.testing.assert_allclose(sampled, first, rtol=1e-5, atol=1e-5)
+    names = [name for name, _ in profiled_layers(runner.module)]
+    assert [layer for layer, _, _ in layers] == names  # every layer once, in order
+    assert all(s > 0 for _, _, s in layers)
+    assert {op for _, op, _ in layers} >= {f"conv_{backend}", "linear", "pool"}
+    # The layers run back to back inside the replay: their times add up to most of it (the
+    # rest: adds, flattening, the events), and never to more.
+    replay = [s for stage, s in stages if stage == "replay"][1]
+    total = sum(s for _, _, s in layers)
+    assert 0.6 * replay < total <= 1.02 * replay, (total, replay)
+    assert "profile" not in {stage for stage, _ in stages}  # no eager pass held the device
+    runner.infer_rows(rows)
+    assert len(layers) == len(names)  # the third batch is not sampled
+    del keep
+    runner.close()
+
+
 def test_a_sampled_pass_reports_what_it_holds_the_device_for() -> None:
+    # A profiler attached after warm-up: no timed graphs, so the eager pass (the CPU's, and a
+    # bucket's whose timed graph could not be captured) runs after the sampled batch.
     _, prepared = _model("resnet50-uniform90")
     dense = build_backend(prepared, "dense", torch.device("cuda"), "fp32")
     runner = _runner(dense, prepared, graphs=True)

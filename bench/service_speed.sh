@@ -21,6 +21,7 @@ df -h /dev/shm | tail -1 | tee -a "$R/device.txt"
 nproc | tee -a "$R/device.txt"
 python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)" | tee -a "$R/device.txt"
 python3 -c "import uvloop; print('uvloop', uvloop.__version__)" 2>&1 | tail -1 | tee -a "$R/device.txt"
+lscpu | grep -E "^(Model name|Thread|Core|Socket|CPU\(s\)|CPU max MHz|NUMA node\(s\))" | tee -a "$R/device.txt"
 MODEL=${SERVICE_MODEL:-resnet50-uniform90}
 CACHE=/tmp/escort-cache
 export ESCORT_MODELS=$MODEL ESCORT_BACKENDS=${SERVICE_BACKENDS:-sparse,dense} ESCORT_CACHE_DIR=$CACHE ESCORT_PRECISION=$PRECISION
@@ -50,6 +51,22 @@ ESCORT_ENGINE=null ESCORT_PORT=8001 python3 -m service.app >"$R/null-server.log"
 null=$!
 ESCORT_SLOW_REQUEST_MS=${SLOW_REQUEST_MS:-40} ESCORT_DEVICE=cuda ESCORT_PORT=8000 python3 -m service.app >"$R/server.log" 2>&1 &
 server=$!
+# PYSPY_AFTER_READY_S=N: N s after the engine is ready, py-spy samples the engine process and
+# one HTTP worker for 10 s without pausing them (--nonblocking), into pyspy-*.txt.
+if [ -n "${PYSPY_AFTER_READY_S:-}" ] && [ -x /tmp/site/bin/py-spy ]; then
+  (
+    until grep -q "engine ready" "$R/server.log" 2>/dev/null; do sleep 1; done
+    sleep "$PYSPY_AFTER_READY_S"
+    kids=$(pgrep -P $server -f spawn_main)
+    engine=$(for p in $kids; do echo "$(awk '/VmRSS/{print $2}' /proc/$p/status) $p"; done | sort -n | tail -1 | cut -d' ' -f2)
+    worker=$(for p in $kids; do [ "$p" != "$engine" ] && echo "$p"; done | head -1)
+    echo "engine $engine worker $worker $(date -u +%H:%M:%S)" >"$R/pyspy.log"
+    /tmp/site/bin/py-spy record --nonblocking -p "$engine" -d 10 -r 200 -f raw -o "$R/pyspy-engine.txt" >>"$R/pyspy.log" 2>&1 &
+    /tmp/site/bin/py-spy record --nonblocking -p "$worker" -d 10 -r 200 -f raw -o "$R/pyspy-worker.txt" >>"$R/pyspy.log" 2>&1
+    wait
+    ps -L -o pid,tid,pcpu,comm -p "$engine" >>"$R/pyspy.log" 2>&1
+  ) &
+fi
 
 # One load test per entry of PROTOCOL_RUNS (say "v1 v2": each protocol measured alone, against
 # the same servers); by default one run over LOADTEST_PROTOCOLS.

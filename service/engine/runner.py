@@ -364,8 +364,13 @@ class Runner:
             previous.synchronize()  # the slot's last batch is done with its buffers
         records: list = []
         timed = self.stage_observer is not None
-        # start, staged (copy stream), begin (compute stream may run it), replayed, done
-        marks = [torch.cuda.Event(enable_timing=timed) for _ in range(5)]
+        # start, staged (copy stream), begin (compute stream may run it), replayed, done. The
+        # thread that waits on "done" sleeps until the batch ends (a blocking-sync event)
+        # instead of spinning on a core for the whole replay (CUDA's default with fewer
+        # contexts than cores): at 70% of saturation the device is busy nearly all the time,
+        # so a spinning collector kept one host core busy that the HTTP workers need.
+        marks = [torch.cuda.Event(enable_timing=timed) for _ in range(4)]
+        marks.append(torch.cuda.Event(enable_timing=timed, blocking=True))
         with self.context():
             with torch.cuda.stream(self.copy_stream):
                 marks[0].record(self.copy_stream)

@@ -158,7 +158,7 @@ class ServiceMetrics:
             "request, HTTP worker; dispatch: the engine's round trip, to_engine and back: its "
             "hand-offs); wait (per batch launched "
             "early, for the batch before it); h2d, replay, d2h (per batch, device time on the engine's streams); profile "
-            "(per sampled pass of the per-layer metric).",
+            "(per eager sampled pass of the per-layer metric: CPU, or a bucket without a timed graph).",
             ["model", "backend", "stage"],
             buckets=STAGE_BUCKETS_S,
             registry=reg,

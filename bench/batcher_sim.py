@@ -8,7 +8,9 @@ fits of run 4/5 on the H200 (docs/service.md); the policy of `service.batching`:
 on the device, the next takes what is queued LOOKAHEAD before that batch ends and starts when
 it ends; with the device idle, a batch waits for 32 rows or the delay from its oldest. Every
 request also pays a constant hand-off (the HTTP worker's stages and the pipe), and every
-`--every` batches the device pauses `--pause-ms` (the sampled per-layer pass). Prints p50 and
+`--every` batches the device pauses `--pause-ms` (an eager sampled per-layer pass: the CPU, or a
+bucket without a timed graph; on a GPU a sampled batch replays its timed graph and adds no
+pause, and run 6 showed an eager pass cost its host time, not just this). Prints p50 and
 p99 of the latency, the mean batch and how busy the device was. What it leaves out (jitter in
 the hand-offs, host pauses) is what a measured p99 above the simulated one is made of.
 """

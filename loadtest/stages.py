@@ -103,7 +103,7 @@ def stages_markdown(report: dict[str, Any]) -> list[str]:
         "image; wait: per batch, how long one launched early waited for the batch before it; "
         "h2d/replay/d2h: per batch, device time; compute: per batch as the batcher saw "
         "it (h2d, replay, d2h and the hand-offs); profile: per sampled pass of the per-layer "
-        "metric (ESCORT_LAYER_PROFILE_EVERY), device time that the batches behind it wait."
+        "metric (ESCORT_LAYER_PROFILE_EVERY) run eagerly (the CPU, or a bucket without a timed graph), device time that the batches behind it wait."
     )
     return ["## Where the time goes", "", note, "", head, rule, *[r + " |" for r in rows], ""]
 

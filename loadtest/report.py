@@ -26,6 +26,7 @@ from loadtest.stages import (
     stage_quantiles,
     stages_markdown,
     tails_markdown,
+    worker_spread,
 )
 from loadtest.summary import conclusion, series
 
@@ -133,6 +134,7 @@ def step_summary(
         }
     summary["server"] = server_stats(delta, model)
     summary["server"]["cores_busy"] = cores_busy(delta, window_s)
+    summary["server"]["workers"] = worker_spread(delta, window_s)
     return summary
 
 

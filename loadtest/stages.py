@@ -63,6 +63,25 @@ def cores_busy(delta: Scrape, window_s: float) -> dict[str, float]:
     return {role: seconds / max(window_s, 1e-9) for (role,), seconds in sorted(by_role.items())}
 
 
+def worker_spread(delta: Scrape, window_s: float) -> dict[str, list[float]]:
+    """Each HTTP worker's cores busy over one step and its open connections at the step's end
+    (escort_worker_cpu_seconds and escort_worker_connections, one series per worker), each
+    list sorted: is the load spread evenly, or is one worker the tail?"""
+    cpu = counter_by(delta, "escort_worker_cpu_seconds_total", ("worker",))
+    connections = counter_by(delta, "escort_worker_connections", ("worker",))
+    return {
+        "cores": sorted(seconds / max(window_s, 1e-9) for seconds in cpu.values()),
+        "connections": sorted(connections.values()),
+    }
+
+
+def _spread(values: list[float] | None, digits: int) -> str:
+    if not values:
+        return "-"
+    middle = values[len(values) // 2]
+    return " / ".join(f"{v:.{digits}f}" for v in (values[0], middle, values[-1]))
+
+
 def cores_markdown(report: dict[str, Any]) -> list[str]:
     """Which process kind was busy in each step, and the load generator's own CPU."""
     rows = []
@@ -71,16 +90,23 @@ def cores_markdown(report: dict[str, Any]) -> list[str]:
         generator = (step.get("driver") or {}).get("cores_busy")
         if not cores and generator is None:
             continue
-        cells = [_cell(cores.get("engine")), _cell(cores.get("worker")), _cell(generator)]
+        spread = step["server"].get("workers") or {}
+        cells = [_cell(cores.get("engine")), _cell(cores.get("worker")), _cell(generator),
+                 _spread(spread.get("cores"), 2), _spread(spread.get("connections"), 0)]  # fmt: skip
         rows.append(f"| {step['phase']} | {step['users']} | " + " | ".join(cells) + " |")
     if not rows:
         return []
     note = (
         "CPU cores kept busy over each step: the engine core process (one event loop and the "
-        "batchers' threads), the HTTP workers together, and the load generator's own processes."
+        "batchers' threads), the HTTP workers together, and the load generator's own processes; "
+        "then per HTTP worker, least / median / most: its cores busy, and the connections it "
+        "held at the step's end (a keep-alive connection stays on the worker that accepted it)."
     )
-    head = "| phase | users | engine cores | worker cores | load generator cores |"
-    return ["## CPU by process", "", note, "", head, "|---|---|---|---|---|", *rows, ""]
+    head = (
+        "| phase | users | engine cores | worker cores | load generator cores "
+        "| per worker cores | per worker connections |"
+    )
+    return ["## CPU by process", "", note, "", head, "|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def stages_markdown(report: dict[str, Any]) -> list[str]:

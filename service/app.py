@@ -130,6 +130,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = ServiceMetrics(settings.max_batch_size)
+        metrics.connection_count = getattr(app.state, "connection_count", None)
         preprocessor = Preprocessor(
             settings.preprocess_threads,
             settings.max_image_pixels,
@@ -216,6 +217,8 @@ def serve(app: FastAPI, settings: Settings, sockets: list[socket.socket] | None 
         lifespan="on",
     )
     server = DrainingServer(config, app)
+    # For the per-worker metrics: how many connections this server holds open.
+    app.state.connection_count = lambda: len(server.server_state.connections)
 
     def stop_on_load_failure() -> None:
         server.should_exit = True

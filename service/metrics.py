@@ -9,7 +9,7 @@ number of series bounded whatever clients send.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
 from prometheus_client import (
@@ -225,6 +225,24 @@ class ServiceMetrics:
             multiprocess_mode="livesum",
         )
         self._cpu_reported = 0.0
+        # One series per HTTP worker (multiprocess mode labels each with its pid): how evenly
+        # the listener's connections spread over the workers, and how busy each one was.
+        self.worker_connections = Gauge(
+            "escort_worker_connections",
+            "Open HTTP connections of each HTTP worker (label worker: its process id).",
+            ["worker"],
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.worker_cpu = Counter(
+            "escort_worker_cpu_seconds",
+            "CPU time of each HTTP worker (label worker: its process id); the load test reads "
+            "each worker's busy share of a step from it.",
+            ["worker"],
+            registry=reg,
+        )
+        # Set by the server that owns the connections (service.app.serve): their number now.
+        self.connection_count: Callable[[], int] | None = None
 
     def refresh_process(self, role: str) -> None:
         """Record this process's memory, CPU time and fds under `role` (engine or worker).
@@ -244,9 +262,14 @@ class ServiceMetrics:
         self.process_open_fds.labels(role).set(stats.open_fds)
         # A counter only goes up by deltas; this object's process started it at zero.
         delta = stats.cpu_seconds - self._cpu_reported
+        pid = str(os.getpid())
         if delta > 0:
             self.process_cpu.labels(role).inc(delta)
+            if role == "worker":
+                self.worker_cpu.labels(pid).inc(delta)
             self._cpu_reported = stats.cpu_seconds
+        if role == "worker" and self.connection_count is not None:
+            self.worker_connections.labels(pid).set(self.connection_count())
 
     def record_memory(self, stats: Mapping[str, Mapping[str, float]]) -> None:
         """The engine's `memory_stats()`, refreshed by whoever runs the engine."""

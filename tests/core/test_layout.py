@@ -99,6 +99,32 @@ def test_metrics_add_up_over_every_process(server: ProcessServer) -> None:
         assert result.returncode == 0 and not result.stdout.strip(), result.stdout.decode()
 
 
+def test_each_worker_reports_its_connections_and_cpu(server: ProcessServer) -> None:
+    # Five keep-alive clients, each held open while the others connect and send.
+    clients = [server.client() for _ in range(5)]
+    try:
+        for i, http in enumerate(clients):
+            assert http.post(V2, json=tensor_body(marked_tensor(i / 10))).status_code == 200
+        # Each worker refreshes its series every second: wait for one round past the sends.
+        time.sleep(1.5)
+        with server.client() as http:
+            text = http.get("/metrics").text
+    finally:
+        for http in clients:
+            http.close()
+    pids = {
+        sample.labels["worker"]
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "escort_worker_connections"
+    }
+    assert len(pids) == WORKERS  # one series per worker, none from the engine process
+    # The five clients (and the scrape) hold connections somewhere among the workers.
+    assert total(text, "escort_worker_connections") >= 5
+    cpu = [total(text, "escort_worker_cpu_seconds_total", worker=pid) for pid in pids]
+    assert all(seconds > 0 for seconds in cpu)
+
+
 def test_a_request_larger_than_a_worker_s_slots_gets_503(server: ProcessServer) -> None:
     with server.client() as http:
         response = http.post(V2, json=tensor_body(marked_tensor(0.5, rows=17)))

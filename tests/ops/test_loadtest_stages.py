@@ -13,6 +13,7 @@ from loadtest.stages import (
     stage_quantiles,
     stages_markdown,
     tails_markdown,
+    worker_spread,
 )
 from tests.service.fakes import FAKE_MODEL, FakeEngine, marked_tensor
 from tests.service.servers import app_client
@@ -58,7 +59,7 @@ def test_cores_busy_per_role_and_its_table() -> None:
             "driver": {"cores_busy": 1.25}}  # fmt: skip
     lines = cores_markdown({"steps": [step, {**step, "users": 1, "server": {}, "driver": {}}]})
     assert lines[0] == "## CPU by process"
-    assert "| sparse | 64 | 0.9 | 3 | 1.25 |" in lines
+    assert "| sparse | 64 | 0.9 | 3 | 1.25 | - | - |" in lines  # no per-worker series
     assert not any(line.startswith("| sparse | 1 |") for line in lines)  # nothing measured
 
 
@@ -92,3 +93,22 @@ def test_stage_p99_from_the_buckets_and_the_tail_table() -> None:
     assert parts["dispatch"] == "35" and parts["queue"] == "4" and parts["compute"] == "9.5"
     assert parts["wait"] == "-"
     assert tails_markdown({"steps": [{**step, "server": {}}]}) == []
+
+
+def test_each_workers_share_and_connections_and_their_table() -> None:
+    scrape = parse_metrics(
+        "# TYPE escort_worker_cpu_seconds counter\n"
+        'escort_worker_cpu_seconds_total{worker="11"} 2.0\n'
+        'escort_worker_cpu_seconds_total{worker="12"} 8.0\n'
+        'escort_worker_cpu_seconds_total{worker="13"} 4.0\n'
+        "# TYPE escort_worker_connections gauge\n"
+        'escort_worker_connections{worker="11"} 3\n'
+        'escort_worker_connections{worker="12"} 140\n'
+        'escort_worker_connections{worker="13"} 25\n'
+    )
+    spread = worker_spread(scrape, 10.0)
+    assert spread == {"cores": [0.2, 0.4, 0.8], "connections": [3.0, 25.0, 140.0]}
+    step = {"phase": "dense", "users": 275, "server": {"cores_busy": {"worker": 1.4},
+            "workers": spread}, "driver": {"cores_busy": 0.5}}  # fmt: skip
+    lines = cores_markdown({"steps": [step]})
+    assert "| dense | 275 | - | 1.4 | 0.5 | 0.20 / 0.40 / 0.80 | 3 / 25 / 140 |" in lines

@@ -26,6 +26,7 @@ from loadtest.stages import (
     stage_quantiles,
     stages_markdown,
     tails_markdown,
+    users_label,
     worker_spread,
 )
 from loadtest.summary import conclusion, series
@@ -65,11 +66,6 @@ def traffic_stats(samples: Sequence[Any], window_s: float) -> dict[str, Any]:
         "latency_ms": latency_stats([s.latency_ms for s in ok]),
         "errors": dict(sorted(errors.items())),
     }
-
-
-def _users(step: dict[str, Any]) -> str:
-    think = step.get("think_ms")
-    return f"{step['users']} (think {think})" if think else str(step["users"])
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -269,7 +265,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     for step in report["steps"]:
         lat, srv = step["latency_ms"], step["server"]
         out.append(
-            f"| {step['phase']} | {_users(step)} | {step['requests']} | {step['ok']} | "
+            f"| {step['phase']} | {users_label(step)} | {step['requests']} | {step['ok']} | "
             f"{_f(step['throughput_rps'])} | {_f(step['images_per_s'])} | {_f(lat['p50'])} | "
             f"{_f(lat['p95'])} | {_f(lat['p99'])} | {step['errors'] or '-'} | "
             f"{_mapping(srv['mean_batch_size'], 2)} | {_f(srv['mean_queue_ms'], 2)} | "

@@ -5,6 +5,7 @@ each step, and the p99 of each stage (which part makes a slow request slow)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from loadtest.promtext import Scrape, counter_by, histogram_by, histogram_quantile
@@ -30,30 +31,37 @@ STAGES = (
 TAIL_STAGES = ("receive", "parse", "to_engine", "queue", "wait", "compute", "back", "dispatch")
 
 
-def stage_means(delta: Scrape, model: str) -> dict[str, dict[str, float]]:
-    """backend -> stage -> mean ms over one step (stages without samples are left out)."""
+def _per_stage(
+    delta: Scrape, model: str, read: Callable[[dict[str, Any]], float | None]
+) -> dict[str, dict[str, float]]:
+    """backend -> stage -> read(histogram) in ms, over one step (stages without samples, or
+    with nothing to read, are left out)."""
     groups = histogram_by(
         delta, "escort_stage_duration_seconds", ("backend", "stage"), {"model": model}
     )
     out: dict[str, dict[str, float]] = {}
     for (backend, stage), hist in groups.items():
-        if hist["count"]:
-            out.setdefault(backend, {})[stage] = float(hist["mean"]) * 1e3
+        value = read(hist) if hist["count"] else None
+        if value is not None:
+            out.setdefault(backend, {})[stage] = value * 1e3
     return out
+
+
+def stage_means(delta: Scrape, model: str) -> dict[str, dict[str, float]]:
+    """backend -> stage -> mean ms over one step."""
+    return _per_stage(delta, model, lambda hist: float(hist["mean"]))
 
 
 def stage_quantiles(delta: Scrape, model: str, q: float = 0.99) -> dict[str, dict[str, float]]:
     """backend -> stage -> the q-quantile in ms over one step, from the histogram's buckets
     (Prometheus's interpolation: read it to a bucket's width)."""
-    groups = histogram_by(
-        delta, "escort_stage_duration_seconds", ("backend", "stage"), {"model": model}
-    )
-    out: dict[str, dict[str, float]] = {}
-    for (backend, stage), hist in groups.items():
-        value = histogram_quantile(q, hist["buckets"]) if hist["count"] else None  # type: ignore[arg-type]
-        if value is not None:
-            out.setdefault(backend, {})[stage] = value * 1e3
-    return out
+    return _per_stage(delta, model, lambda hist: histogram_quantile(q, hist["buckets"]))
+
+
+def users_label(step: dict[str, Any]) -> str:
+    """A step's users, with their think time when they pause between requests."""
+    think = step.get("think_ms")
+    return f"{step['users']} (think {think})" if think else str(step["users"])
 
 
 def cores_busy(delta: Scrape, window_s: float) -> dict[str, float]:
@@ -129,7 +137,8 @@ def stages_markdown(report: dict[str, Any]) -> list[str]:
         "image; wait: per batch, how long one launched early waited for the batch before it; "
         "h2d/replay/d2h: per batch, device time; compute: per batch as the batcher saw "
         "it (h2d, replay, d2h and the hand-offs); profile: per sampled pass of the per-layer "
-        "metric (ESCORT_LAYER_PROFILE_EVERY) run eagerly (the CPU, or a bucket without a timed graph), device time that the batches behind it wait."
+        "metric (ESCORT_LAYER_PROFILE_EVERY) run eagerly (the CPU, or a bucket without a timed "
+        "graph), device time that the batches behind it wait."
     )
     return ["## Where the time goes", "", note, "", head, rule, *[r + " |" for r in rows], ""]
 
@@ -147,12 +156,9 @@ def tails_markdown(report: dict[str, Any]) -> list[str]:
             cells = [_cell(_client_p99(step, backend)),
                      _cell((server.get("request_p99_ms") or {}).get(backend))]  # fmt: skip
             cells += [_cell(values.get(stage)) for stage in TAIL_STAGES]
-            users = (
-                f"{step['users']} (think {step['think_ms']})"
-                if step.get("think_ms")
-                else step["users"]
+            rows.append(
+                f"| {step['phase']} | {users_label(step)} | {backend} | " + " | ".join(cells) + " |"
             )
-            rows.append(f"| {step['phase']} | {users} | {backend} | " + " | ".join(cells) + " |")
     if not rows:
         return []
     head = (

@@ -225,8 +225,9 @@ class ServiceMetrics:
             multiprocess_mode="livesum",
         )
         self._cpu_reported = 0.0
-        # One series per HTTP worker (multiprocess mode labels each with its pid): how evenly
-        # the listener's connections spread over the workers, and how busy each one was.
+        # One series per HTTP worker (label worker: its pid; not "pid", which multiprocess
+        # mode strips from gauges): how evenly the listener's connections spread over the
+        # workers, and how busy each one was.
         self.worker_connections = Gauge(
             "escort_worker_connections",
             "Open HTTP connections of each HTTP worker (label worker: its process id).",

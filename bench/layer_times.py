@@ -4,6 +4,11 @@
     python -m bench.layer_times --model resnet50-uniform90 --backends sparse,dense --batch 32 \
         --precision fp32 --device cuda --out bench/results/layers.json [--cache-dir DIR]
 
+`--batch` takes a comma list (say every CUDA-graph bucket the server captures: the load test
+compares a step's live layer means with these records weighted by the batch sizes that step's
+sampled batches ran at, `escort_layer_timings_total{batch}`); each size is built and tuned
+on its own, as the engine's bucket is.
+
 The model is built exactly as the engine builds it (load_source, prepare_model, build_backend,
 Runner.warm). One eager forward captures each layer's real inputs at that batch size (forward
 pre-hooks; a "layer" is what the profiler calls one: profiled_layers). Then each layer is
@@ -267,7 +272,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--model", default="resnet50-uniform90", help="manifest name")
     p.add_argument("--backends", default="sparse,dense", help="comma list")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=_batches, default=(32,), help="a size or a comma list")
     p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "fp16"))
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", default="bench/results/layer_times.json")
@@ -276,6 +281,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=10, help="calls per timed repeat")
     p.add_argument("--reps", type=int, default=7, help="repeats (the median is kept)")
     return p.parse_args(argv)
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma list of batch sizes: {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1: {text!r}")
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,10 +302,13 @@ def main(argv: list[str] | None = None) -> int:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     source = load_source(args.model, args.models_dir)
     cache = TuningCache(Path(args.cache_dir) / "autotune.json")
-    records = run(
-        source, backends, args.batch, args.precision, device,
-        cache=cache, calls=args.calls, reps=args.reps,
-    )  # fmt: skip
+    records: list[dict] = []
+    for batch in args.batch:
+        records += run(
+            source, backends, batch, args.precision, device,
+            cache=cache, calls=args.calls, reps=args.reps,
+        )  # fmt: skip
+        print(f"batch {batch}: {len(records)} records so far", file=sys.stderr, flush=True)
     json_path, md_path = write(records, Path(args.out), environment(device))
     for r in records:
         print(f"{r['backend']:>8} {r['layer']:<28} {r['op']:<12} {r['seconds'] * 1e3:9.4f} ms")

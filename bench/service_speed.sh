@@ -41,7 +41,10 @@ stamp bench-model
 [ -f "$R/bench.log" ] && tail -8 "$R/bench.log"
 
 stamp layer-times
-[ -n "${SKIP_LAYER_TIMES:-}" ] || timeout 120 python3 -m bench.layer_times --model "$MODEL" --backends sparse,dense --batch 32 \
+# Every bucket the server captures (ESCORT_MAX_BATCH_SIZE, ESCORT_BATCH_BUCKET_STEP): the load
+# test weighs them by the batch sizes each step's sampled batches ran at. LAYER_BATCHES=32: one.
+LAYER_BATCHES=${LAYER_BATCHES:-$(python3 -c "from service.config import Settings as S; from service.engine.runner import batch_buckets as b; s = S(); print(','.join(map(str, b(s.max_batch_size, s.batch_bucket_step))))")}
+[ -n "${SKIP_LAYER_TIMES:-}" ] || timeout 300 python3 -m bench.layer_times --model "$MODEL" --backends sparse,dense --batch "$LAYER_BATCHES" \
   --precision "$PRECISION" --device cuda --out "$R/layer_times.json" --cache-dir $CACHE \
   >"$R/layer_times.log" 2>&1
 tail -3 "$R/layer_times.log"
@@ -49,7 +52,7 @@ tail -3 "$R/layer_times.log"
 stamp servers
 ESCORT_ENGINE=null ESCORT_PORT=8001 python3 -m service.app >"$R/null-server.log" 2>&1 &
 null=$!
-ESCORT_SLOW_REQUEST_MS=${SLOW_REQUEST_MS:-40} ESCORT_DEVICE=cuda ESCORT_PORT=8000 python3 -m service.app >"$R/server.log" 2>&1 &
+ESCORT_LAYER_PROFILE_EVERY=${LAYER_PROFILE_EVERY:-1000} ESCORT_SLOW_REQUEST_MS=${SLOW_REQUEST_MS:-40} ESCORT_DEVICE=cuda ESCORT_PORT=8000 python3 -m service.app >"$R/server.log" 2>&1 &
 server=$!
 # PYSPY_AFTER_READY_S=N: N s after the engine is ready, py-spy samples the engine process and
 # one HTTP worker for 10 s without pausing them (--nonblocking), into pyspy-*.txt.

@@ -236,6 +236,7 @@ def run(config: LoadtestConfig) -> int:
     # Per phase, the step whose batches were fullest (its summary and delta): its sampled
     # layers ran at the batch nearest the offline benchmark's.
     fullest: dict[str, tuple[dict[str, Any], Scrape]] = {}
+    measured: list[tuple[dict[str, Any], Scrape]] = []  # every step, for the per-layer summary
     try:
         ceilings = measure_ceilings(driver, config, phases[0], step_s, settle_s)
         for phase in phases:
@@ -263,6 +264,8 @@ def run(config: LoadtestConfig) -> int:
                 steps.append(summary)
                 if fuller(summary, fullest.get(name)):
                     fullest[name] = (summary, delta)
+                if layer_records is not None:
+                    measured.append((summary, delta))
                 lat = summary["latency_ms"]
                 log(
                     f"  step {index + 1}/{total_steps} {name} users={users}"
@@ -303,7 +306,7 @@ def run(config: LoadtestConfig) -> int:
         log(f"loadtest: {report['ceilings']['verdict']}")
     if layer_records is not None:
         report["layer_bench"] = layer_bench_section(
-            config.layer_bench, layer_records, list(fullest.values()), plan.model
+            config.layer_bench, layer_records, list(fullest.values()), plan.model, measured
         )
     try:
         from loadtest.plots import write_plots

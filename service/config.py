@@ -164,6 +164,12 @@ class Settings(BaseSettings):
         description="HTTP worker processes beside the engine core process; 0: all CPU cores "
         "but 4, at least half of them, at most 16.",
     )
+    listener: Literal["auto", "per-worker", "shared"] = Field(
+        "auto",
+        description="per-worker: each HTTP worker listens on the port itself (SO_REUSEPORT) "
+        "and the kernel spreads new connections evenly over them; shared: one listening "
+        "socket for all (the first worker to wake takes a burst); auto: per-worker on Linux.",
+    )
     worker_slots: int = Field(
         128,
         ge=1,
@@ -261,6 +267,14 @@ class Settings(BaseSettings):
         if self.workers:
             return self.workers
         return default_worker_count(_usable_cores())
+
+    @property
+    def per_worker_listeners(self) -> bool:
+        """ESCORT_LISTENER resolved: per-worker sockets (Linux's SO_REUSEPORT balances them;
+        elsewhere it does not, and auto means shared)."""
+        if self.listener == "auto":
+            return sys.platform == "linux"
+        return self.listener == "per-worker"
 
     @property
     def loaded_backends(self) -> tuple[str, ...]:

@@ -152,6 +152,14 @@ class ServiceMetrics:
             buckets=LAYER_BUCKETS_S,
             registry=reg,
         )
+        self.layer_timings = Counter(
+            "escort_layer_timings",
+            "Layer timings in escort_layer_duration_seconds, by the batch size the sampled "
+            "batch ran at (its CUDA-graph bucket on a GPU): what to compare a layer benchmark "
+            "at.",
+            ["model", "backend", "batch"],
+            registry=reg,
+        )
         self.stage_duration = Histogram(
             "escort_stage_duration_seconds",
             "Time of one stage of the serving path: receive, parse, dispatch, encode (per "
@@ -282,9 +290,12 @@ class ServiceMetrics:
         """One stage's time (the engine's stage observer, and the routes')."""
         self.stage_duration.labels(model, backend, stage).observe(seconds)
 
-    def observe_layer(self, model: str, backend: str, layer: str, op: str, seconds: float) -> None:
-        """The engine's layer observer: one sampled layer timing."""
+    def observe_layer(
+        self, model: str, backend: str, layer: str, op: str, seconds: float, batch: int
+    ) -> None:
+        """The engine's layer observer: one sampled layer timing, of a batch of `batch`."""
         self.layer_duration.labels(model, backend, layer, op).observe(seconds)
+        self.layer_timings.labels(model, backend, str(batch)).inc()
 
     def prepare_model(self, model: str, backends: Iterable[str], sparsity: Mapping[str, float]):
         """Create a model's series up front, so that dashboards see zeros rather than gaps."""

@@ -1,4 +1,4 @@
-"""The supervisor: `escort serve`'s own process. It binds the listener, spawns the engine core
+"""The supervisor: `escort serve`'s own process. It binds the listeners, spawns the engine core
 process and the HTTP workers, passes signals on, and decides the exit code.
 
 SIGTERM (or Ctrl-C): each worker drains as a single-process server would (readiness false,
@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 from multiprocessing.connection import wait
@@ -36,16 +37,57 @@ POLL_S = 0.5
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
+    """One socket bound to host:port for every worker to accept on."""
+    sock = _new_socket(host)
+    _bind(sock, host, port)
+    sock.set_inheritable(True)
+    return sock
+
+
+def bind_worker_listeners(host: str, port: int, count: int) -> list[socket.socket]:
+    """`count` sockets bound to the same host:port with SO_REUSEPORT, one per worker: Linux
+    hands each new connection to one of them by a hash of its addresses, so connections
+    spread evenly instead of in bursts to whichever worker woke first.
+
+    A plain bind first proves the port free: a socket of another server that also set
+    SO_REUSEPORT (a second `escort serve` on the same port) would otherwise share it
+    silently. With port 0 the kernel picks one port, and every socket takes that port."""
+    if sys.platform != "linux":
+        raise OSError("ESCORT_LISTENER=per-worker needs Linux (SO_REUSEPORT balancing)")
+    probe = _new_socket(host)
+    try:
+        _bind(probe, host, port)
+        port = probe.getsockname()[1]
+    finally:
+        probe.close()
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = _new_socket(host)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            _bind(sock, host, port)
+            sock.set_inheritable(True)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _new_socket(host: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    return sock
+
+
+def _bind(sock: socket.socket, host: str, port: int) -> None:
     try:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}; set ESCORT_PORT") from None
-    sock.set_inheritable(True)
-    return sock
 
 
 class Supervisor:
@@ -65,9 +107,12 @@ class Supervisor:
 
     def run(self) -> int:
         settings = self.settings
-        sock = bind_listener(settings.host, settings.port)
-        ctx = mp.get_context("spawn")
         count = settings.worker_processes
+        if settings.per_worker_listeners:
+            listeners = bind_worker_listeners(settings.host, settings.port, count)
+        else:
+            listeners = [bind_listener(settings.host, settings.port)] * count
+        ctx = mp.get_context("spawn")
         control, control_child = ctx.Pipe()
         pipes = [ctx.Pipe() for _ in range(count)]
         self.engine = ctx.Process(
@@ -79,10 +124,10 @@ class Supervisor:
         self.workers: list[BaseProcess] = [
             ctx.Process(
                 target=_worker_main,
-                args=(settings, sock, worker_end, i),
+                args=(settings, listener, worker_end, i),
                 name=f"escort-worker-{i}",
             )
-            for i, (worker_end, _) in enumerate(pipes)
+            for i, ((worker_end, _), listener) in enumerate(zip(pipes, listeners, strict=True))
         ]
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
@@ -96,12 +141,15 @@ class Supervisor:
             for worker_end, engine_end in pipes:
                 worker_end.close()
                 engine_end.close()
-            sock.close()
+            for listener in set(listeners):
+                listener.close()
             log.info(
-                "serving on http://%s:%d with %d HTTP worker(s) and one engine process",
+                "serving on http://%s:%d with %d HTTP worker(s) (%s listener) and one engine "
+                "process",
                 settings.host,
                 settings.port,
                 count,
+                "per-worker" if settings.per_worker_listeners else "shared",
             )
             self._watch()
             self._stop_engine(control)

@@ -17,8 +17,9 @@ import numpy as np
 BACKENDS = ("dense", "sparse", "auto")
 PRECISIONS = ("fp32", "tf32", "fp16")
 
-# Called once per timed layer of a sampled batch: (model, backend, layer, op, seconds).
-LayerObserver = Callable[[str, str, str, str, float], None]
+# Called once per timed layer of a sampled batch: (model, backend, layer, op, seconds, batch),
+# batch the size the layers ran at (on a GPU the batch's bucket, the rows past it padding).
+LayerObserver = Callable[[str, str, str, str, float, int], None]
 # Called once per stage of each batch on a GPU: (model, backend, stage, seconds), stage one of
 # h2d (rows to the device, photos decoded), replay, d2h.
 StageObserver = Callable[[str, str, str, float], None]

@@ -322,7 +322,7 @@ class Runner:
             launched.result[launched.failed] = np.nan
             self._report_stages(launched.marks)
             if launched.layers is not None:
-                self._report_timed(launched.layers)
+                self._report_timed(launched.layers, launched.bucket)
         return launched.result
 
     def _launch(self, batch: Sequence[np.ndarray]) -> Launched:
@@ -338,9 +338,10 @@ class Runner:
                 and self.profile_every > 0
                 and self.batches % self.profile_every == 0
             )
-            records = []
+            records, ran_at = [], len(batch)
             if self.cuda:
                 launched, records = self._launch_cuda(batch, profile)
+                ran_at = launched.bucket
             else:
                 x, failed = self._cpu_batch(batch)
                 with self.context():
@@ -351,7 +352,7 @@ class Runner:
                 result = out.numpy().copy()
                 result[failed] = np.nan
                 launched = Launched(result=result)
-        self._report(records)
+        self._report(records, ran_at)
         return launched
 
     def _launch_cuda(self, batch: Sequence[np.ndarray], profile: bool) -> tuple[Launched, list]:
@@ -405,8 +406,14 @@ class Runner:
                     profiled = torch.cuda.Event(enable_timing=True)
                     profiled.record(self.stream)
                     self._profile_marks = (done, profiled)
-        launched = Launched(done=done, host=host, failed=failed, marks=marks if timed else [])
-        launched.layers = sampled[2] if sampled is not None else None
+        launched = Launched(
+            done=done,
+            host=host,
+            failed=failed,
+            marks=marks if timed else [],
+            layers=sampled[2] if sampled is not None else None,
+            bucket=b,
+        )
         return launched, records
 
     def _stage(self, slot: int, batch: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[int]]:
@@ -535,7 +542,7 @@ class Runner:
         except Exception:  # a metrics hiccup must never fail a batch
             log.exception("stage observer failed for %s/%s", self.model_name, self.backend)
 
-    def _report_timed(self, layers: CapturedLayers) -> None:
+    def _report_timed(self, layers: CapturedLayers, batch: int) -> None:
         """The layer times of a sampled batch's timed replay, once the batch is back."""
         try:
             records = layers.records()
@@ -544,12 +551,12 @@ class Runner:
             records = []
         finally:
             self._timed_unread = False
-        self._report(records)
+        self._report(records, batch)
 
-    def _report(self, records: list) -> None:
+    def _report(self, records: list, batch: int) -> None:
         for layer, op, seconds in records:
             try:
-                self.observer(self.model_name, self.backend, layer, op, seconds)
+                self.observer(self.model_name, self.backend, layer, op, seconds, batch)
             except Exception:  # a metrics hiccup must never fail a batch
                 log.exception("layer observer failed for %s/%s", self.model_name, layer)
                 return
@@ -570,6 +577,7 @@ class Launched:
     failed: list[int] = field(default_factory=list)  # photos that did not decode
     marks: list = field(default_factory=list)  # timing events of the batch's stages, or none
     layers: CapturedLayers | None = None  # a sampled batch's timed layers, read at collect
+    bucket: int = 0  # the batch size its graph ran at (CUDA)
 
 
 def _torch_pinned(row: np.ndarray) -> bool:

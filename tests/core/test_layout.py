@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -123,6 +124,56 @@ def test_each_worker_reports_its_connections_and_cpu(server: ProcessServer) -> N
     assert total(text, "escort_worker_connections") >= 5
     cpu = [total(text, "escort_worker_cpu_seconds_total", worker=pid) for pid in pids]
     assert all(seconds > 0 for seconds in cpu)
+
+
+def test_connections_spread_over_every_worker(server: ProcessServer) -> None:
+    # A burst of 48 connections, then a request on each. Per-worker listeners (the default on
+    # Linux): the kernel hashes each connection to one worker's own socket, so all 48 miss
+    # some worker with odds of about 1e-8.
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    clients = [socket.create_connection((host, int(port)), timeout=10) for _ in range(48)]
+    try:
+        for client in clients:
+            client.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: test\r\n\r\n")
+        for client in clients:
+            assert client.recv(4096).startswith(b"HTTP/1.1 200")
+        time.sleep(1.5)  # a refresh of every worker's series past the connects
+        with server.client() as http:
+            text = http.get("/metrics").text
+    finally:
+        for client in clients:
+            client.close()
+    held = {
+        sample.labels["worker"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "escort_worker_connections"
+    }
+    assert len(held) == WORKERS and sum(held.values()) >= 48
+    assert min(held.values()) >= 1, held
+    if os.path.exists("/proc/net/tcp"):
+        # Each worker holds a listening socket of its own on the port (not one shared).
+        listening = _listening_inodes(int(port))
+        owned = [listening & _socket_inodes(int(pid)) for pid in held]
+        assert all(len(inodes) == 1 for inodes in owned), owned
+        assert len(set.union(*owned)) == WORKERS
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """Inodes of the sockets listening on 127.0.0.1:port (/proc/net/tcp, state 0A)."""
+    with open("/proc/net/tcp") as handle:
+        rows = [line.split() for line in handle.readlines()[1:]]
+    return {row[9] for row in rows if row[3] == "0A" and row[1] == f"0100007F:{port:04X}"}
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                found.add(target[len("socket:[") : -1])
+    return found
 
 
 def test_a_request_larger_than_a_worker_s_slots_gets_503(server: ProcessServer) -> None:

@@ -141,6 +141,7 @@ def test_profiling_samples_one_batch_in_n(tmp_path, stand_in_plan) -> None:
         else:
             assert {c[2] for c in sampled} == layers
             assert all(c[:2] == ("tiny-resnet", "sparse") and c[4] > 0 for c in sampled)
+            assert {c[5] for c in sampled} == {2}  # the batch's size (no buckets on the CPU)
     ops = {c[2]: c[3] for c in calls}
     assert ops["layer1.0.conv2"] == "conv_sparse" and ops["fc"] == "linear"
     assert ops["maxpool"] == "pool" and ops["avgpool"] == "pool"

@@ -141,6 +141,7 @@ def test_engine_on_cuda_auto_sparse_dense_profiling_and_card(tmp_path) -> None:
         np.testing.assert_allclose(probs["dense"].sum(1), 1.0, rtol=1e-4)
         assert calls == []  # first batch: not sampled
         engine.infer(source.name, "auto", images[:3])
+        assert {c[5] for c in calls} == {4}  # three rows ran in bucket 4
         layers = {c[2] for c in calls}
         assert "layer1.0.conv2" in layers and "fc" in layers
         assert all(c[4] > 0 for c in calls)

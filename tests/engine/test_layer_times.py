@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -60,3 +61,21 @@ def test_cli_writes_json_and_markdown(tmp_path, monkeypatch) -> None:
     assert len(convs) == 2 and all(r["seconds"] > 0 and r["model"] == "tiny-convnet" for r in convs)
     md = out.with_suffix(".md").read_text()
     assert "## tiny-convnet / dense, batch 2, fp32" in md and "| 3 | conv_dense |" in md
+
+
+def test_cli_benches_each_batch_of_a_list(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(layer_times, "load_source", lambda name, models_dir: tiny_source())
+    out = tmp_path / "layers.json"
+    argv = ["--model", "tiny-convnet", "--backends", "dense", "--batch", "1,3", "--device", "cpu"]
+    assert layer_times.main([*argv, "--out", str(out), "--calls", "2", "--reps", "3"]) == 0
+    records = json.loads(out.read_text())
+    convs = {(r["layer"], r["batch"]) for r in records if r["op"] == "conv_dense"}
+    assert convs == {("0", 1), ("3", 1), ("0", 3), ("3", 3)}
+
+
+@pytest.mark.parametrize("bad", ["", "0", "2,x", "-4"])
+def test_cli_refuses_a_bad_batch_list(bad: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        layer_times.main(["--batch", bad, "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert "batch" in capsys.readouterr().err

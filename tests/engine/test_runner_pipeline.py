@@ -114,12 +114,12 @@ def test_a_sampled_batch_replays_its_timed_graph(backend: str) -> None:
     _, prepared = _model("resnet50-uniform90")
     built = build_backend(prepared, backend, torch.device("cuda"), "fp32", buckets=BUCKETS,
                           tune_kernel=False)  # fmt: skip
-    layers: list[tuple[str, str, float]] = []
+    layers: list[tuple[str, str, float, int]] = []
     stages: list[tuple[str, float]] = []
     runner = Runner(
         built, model_name="m", input_shape=prepared.input_shape, max_batch_size=max(BUCKETS),
         buckets=BUCKETS, probabilities=False, profile_every=2,
-        observer=lambda model, backend, layer, op, s: layers.append((layer, op, s)),
+        observer=lambda model, backend, layer, op, s, n: layers.append((layer, op, s, n)),
         stage_observer=lambda model, backend, stage, s: stages.append((stage, s)),
     )  # fmt: skip
     runner.warm()
@@ -132,13 +132,14 @@ def test_a_sampled_batch_replays_its_timed_graph(backend: str) -> None:
     np.testing.assert_allclose(sampled, first, rtol=1e-5, atol=1e-5)
     names = [name for name, _ in profiled_layers(runner.module)]
     # Every layer once (in the order the forward runs them: a block's downsample comes last).
-    assert sorted(layer for layer, _, _ in layers) == sorted(names)
-    assert all(s > 0 for _, _, s in layers)
-    assert {op for _, op, _ in layers} >= {f"conv_{backend}", "linear", "pool"}
+    assert sorted(layer for layer, _, _, _ in layers) == sorted(names)
+    assert all(s > 0 for _, _, s, _ in layers)
+    assert {n for _, _, _, n in layers} == {8}  # seven rows ran in bucket 8
+    assert {op for _, op, _, _ in layers} >= {f"conv_{backend}", "linear", "pool"}
     # The layers run back to back inside the replay: their times add up to most of it (the
     # rest: adds, flattening, the events), and never to more.
     replay = [s for stage, s in stages if stage == "replay"][1]
-    total = sum(s for _, _, s in layers)
+    total = sum(s for _, _, s, _ in layers)
     assert 0.6 * replay < total <= 1.02 * replay, (total, replay)
     assert "profile" not in {stage for stage, _ in stages}  # no eager pass held the device
     runner.infer_rows(rows)

@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from loadtest.ceilings import Sink, ceilings_section
-from loadtest.layerbench import compare, live_layers
+from loadtest.layerbench import (
+    compare,
+    layer_bench_markdown,
+    layer_bench_section,
+    live_layers,
+    sample_mix,
+)
 from loadtest.promtext import parse_metrics
 from loadtest.wrk import (
     MARKER,
@@ -110,6 +116,66 @@ def test_layer_comparison_uses_the_closest_batch() -> None:
     assert rows["a"]["ratio"] == pytest.approx(0.001 / 0.0011) and rows["a"]["within"]
     assert rows["b"]["ratio"] == pytest.approx(2.0) and not rows["b"]["within"]
     assert (table["compared"], table["within"]) == (2, 1)
+
+
+def _layer_scrape(layers, timings) -> dict:
+    text = "# TYPE escort_layer_duration_seconds histogram\n" + "\n".join(
+        f'escort_layer_duration_seconds_{kind}{{model="m",backend="sparse",layer="{layer}",'
+        f'op="{op}"}} {value}'
+        for layer, op, count, total in layers
+        for kind, value in (("count", count), ("sum", total))
+    )
+    text += "\n# TYPE escort_layer_timings counter\n" + "\n".join(
+        f'escort_layer_timings_total{{model="m",backend="sparse",batch="{b}"}} {n}'
+        for b, n in timings
+    )
+    return parse_metrics(text + "\n")
+
+
+def test_layer_comparison_weights_the_sampled_batch_sizes() -> None:
+    # Three samples at batch 8 and one at 32: conv "a" took 1 ms and 4 ms offline, so its live
+    # mean should be (3 * 1 + 4) / 4 = 1.75 ms.
+    delta = _layer_scrape(
+        [("a", "conv_sparse", 4, 0.0070), ("b", "conv_sparse", 4, 0.0040), ("fc", "linear", 4, 1)],
+        [(8, 6), (32, 2)],  # layer timings: two layers of three samples, and of one
+    )
+    assert sample_mix(delta, "m") == {"sparse": {8: 6.0, 32: 2.0}}
+    records = [{"model": "m", "backend": "sparse", "batch": b, "layer": layer, "op": op,
+                "seconds": s} for b, layer, op, s in (
+                    (8, "a", "conv_sparse", 0.001), (32, "a", "conv_sparse", 0.004),
+                    (8, "b", "conv_sparse", 0.001), (32, "b", "conv_sparse", 0.0001),
+                    (8, "fc", "linear", 1e-5))]  # fmt: skip
+    table = compare(live_layers(delta, "m"), records, "m", {"sparse": 14.0}, sample_mix(delta, "m"))
+    sparse = table["sparse"]
+    rows = {row["layer"]: row for row in sparse["rows"]}
+    assert sparse["offline_mix"] == {"8": 6.0, "32": 2.0} and sparse["offline_batch"] is None
+    assert rows["a"]["offline_s"] == pytest.approx(0.00175) and rows["a"]["within"]
+    assert rows["b"]["offline_s"] == pytest.approx(0.000775) and not rows["b"]["within"]
+    assert rows["fc"]["ratio"] is None  # no record at 32: not compared against half a mix
+    # A sampled size the file lacks: back to the batch closest to the mean.
+    fallback = compare(live_layers(delta, "m"), records, "m", {"sparse": 14.0}, {"sparse": {16: 1}})
+    assert fallback["sparse"]["offline_batch"] == 8 and fallback["sparse"]["offline_mix"] is None
+
+
+def test_the_layer_section_summarises_every_step() -> None:
+    full = _layer_scrape([("a", "conv_sparse", 2, 0.008)], [(32, 2)])
+    mixed = _layer_scrape([("a", "conv_sparse", 2, 0.006)], [(8, 1), (32, 1)])
+    records = [{"model": "m", "backend": "sparse", "batch": b, "layer": "a", "op": "conv_sparse",
+                "seconds": s} for b, s in ((8, 0.001), (32, 0.004))]  # fmt: skip
+
+    def step(users: int, batch: float) -> dict:
+        return {"step": 0, "phase": "sparse", "users": users, "think_ms": 0,
+                "server": {"mean_batch_size": {"sparse": batch}}}  # fmt: skip
+
+    steps = [(step(64, 20.0), mixed), (step(128, 32.0), full)]
+    section = layer_bench_section("bench.json", records, [steps[1]], "m", steps)
+    low, high = (entry["backends"]["sparse"] for entry in section["steps"])
+    assert low["mix"] == {"8": 1.0, "32": 1.0} and low["convs_within"] == 1  # 3 ms vs 2.5
+    assert low["conv_ratio_min"] == pytest.approx(1.2) and low["outside"] == []
+    assert (high["convs"], high["convs_within"], high["conv_ratio_max"]) == (1, 1, 1.0)
+    markdown = "\n".join(layer_bench_markdown({"layer_bench": section}))
+    assert "| 64 | sparse | 8×1, 32×1 | 1 of 1 | 1.20-1.20 | - |" in markdown
+    assert "weighted by the sampled batch sizes 32×2" in markdown
 
 
 @needs_wrk

@@ -46,7 +46,9 @@ def traffic(client: TestClient, photos: dict[str, bytes]) -> str:
         client.post(f"/v1/models/{FAKE_MODEL}/classify?backend=x", files=files).status_code == 400
     )
     assert client.post("/v1/models/attacker-chosen/classify", files=files).status_code == 404
-    client.app.state.service.metrics.observe_layer(FAKE_MODEL, "sparse", "conv1", "conv3x3", 2e-4)
+    client.app.state.service.metrics.observe_layer(
+        FAKE_MODEL, "sparse", "conv1", "conv3x3", 2e-4, 8
+    )
     return client.get("/metrics").text
 
 

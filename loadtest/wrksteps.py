@@ -20,7 +20,7 @@ from loadtest.bodies import multipart_body, v2_binary_body, v2_tensor_body
 from loadtest.config import LoadtestConfig
 from loadtest.promtext import Scrape, get_json
 from loadtest.report import server_stats
-from loadtest.stages import cores_busy
+from loadtest.stages import cores_busy, worker_spread
 from loadtest.wrk import RequestSpec, WrkBinary, run_wrk
 
 TOP_K = 5  # as the Locust v1 users ask
@@ -129,6 +129,7 @@ def wrk_step_summary(
                          "bytes_read": int(result.get("bytes", 0)),
                          "cores_busy": generator_cores(result)}  # fmt: skip
     summary["server"]["cores_busy"] = cores_busy(delta, summary["window_s"])
+    summary["server"]["workers"] = worker_spread(delta, summary["window_s"])
     return summary
 
 

@@ -31,6 +31,7 @@ from loadtest.wrk import (
     parse_output,
     run_wrk,
 )
+from loadtest.wrksteps import wrk_step_summary
 from tests.ops.conftest import ROOT, free_port, run_loadtest, serve, wait_ready
 
 try:
@@ -288,3 +289,19 @@ def test_sink_answers_keep_alive_requests() -> None:
         finally:
             process.terminate()
             process.wait(timeout=10)
+
+
+def test_a_wrk_step_reports_each_worker_s_share() -> None:
+    scrape = parse_metrics(
+        "# TYPE escort_worker_cpu_seconds counter\n"
+        'escort_worker_cpu_seconds_total{worker="11"} 4\n'
+        'escort_worker_cpu_seconds_total{worker="12"} 2\n'
+        "# TYPE escort_worker_connections gauge\n"
+        'escort_worker_connections{worker="11"} 30\n'
+        'escort_worker_connections{worker="12"} 20\n'
+    )
+    result = {"duration_s": 10.0, "cpu_s": 1.0, "requests": 100, "ok": 100, "errors": {},
+              "latency_s": {"p50": 0.01, "p95": 0.02, "p99": 0.03}, "bytes": 1}  # fmt: skip
+    spec = RequestSpec("/v2/models/m/infer", {}, b"x", backend="sparse")
+    summary = wrk_step_summary(0, "sparse", 50, result, scrape, "m", [spec])
+    assert summary["server"]["workers"] == {"cores": [0.2, 0.4], "connections": [20.0, 30.0]}

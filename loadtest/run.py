@@ -246,11 +246,14 @@ def run(config: LoadtestConfig) -> int:
                 inflight = None
                 if isinstance(driver, WrkDriver):
                     specs = driver.specs(phase)
-                    result, before, after = driver.step(
+                    result, before, after, during = driver.step(
                         specs, users, step_s, settle_s, budget, lambda: _scrape(config), think_ms
                     )
                     delta = delta_all(before, after)
-                    summary = wrk_step_summary(index, name, users, result, delta, plan.model, specs)
+                    held = delta_all([{} for _ in during], during) if during else None
+                    summary = wrk_step_summary(
+                        index, name, users, result, delta, plan.model, specs, held
+                    )
                 else:
                     driver.prepare(budget, phase)
                     window_s, samples, before, after, inflight = run_step(

@@ -71,12 +71,16 @@ def cores_busy(delta: Scrape, window_s: float) -> dict[str, float]:
     return {role: seconds / max(window_s, 1e-9) for (role,), seconds in sorted(by_role.items())}
 
 
-def worker_spread(delta: Scrape, window_s: float) -> dict[str, list[float]]:
-    """Each HTTP worker's cores busy over one step and its open connections at the step's end
-    (escort_worker_cpu_seconds and escort_worker_connections, one series per worker), each
-    list sorted: is the load spread evenly, or is one worker the tail?"""
+def worker_spread(
+    delta: Scrape, window_s: float, during: Scrape | None = None
+) -> dict[str, list[float]]:
+    """Each HTTP worker's cores busy over one step and its open connections (from `during`, a
+    scrape taken while the step ran, else the delta's closing scrape) (escort_worker_cpu_seconds
+    and escort_worker_connections, one series per worker), each list sorted: is the load spread
+    evenly, or is one worker the tail?"""
     cpu = counter_by(delta, "escort_worker_cpu_seconds_total", ("worker",))
-    connections = counter_by(delta, "escort_worker_connections", ("worker",))
+    held = during if during is not None else delta
+    connections = counter_by(held, "escort_worker_connections", ("worker",))
     return {
         "cores": sorted(seconds / max(window_s, 1e-9) for seconds in cpu.values()),
         "connections": sorted(connections.values()),
@@ -108,7 +112,8 @@ def cores_markdown(report: dict[str, Any]) -> list[str]:
         "CPU cores kept busy over each step: the engine core process (one event loop and the "
         "batchers' threads), the HTTP workers together, and the load generator's own processes; "
         "then per HTTP worker, least / median / most: its cores busy, and the connections it "
-        "held at the step's end (a keep-alive connection stays on the worker that accepted it)."
+        "held halfway through the step (wrk) or at its end (Locust); a keep-alive connection "
+        "stays on the worker that accepted it."
     )
     head = (
         "| phase | users | engine cores | worker cores | load generator cores "

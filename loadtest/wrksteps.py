@@ -12,7 +12,9 @@ Locust driver over the successful ones.
 
 from __future__ import annotations
 
+import contextlib
 import random
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -113,8 +115,10 @@ def wrk_step_summary(
     delta: Scrape,
     model: str,
     specs: list[RequestSpec],
+    during: Scrape | None = None,
 ) -> dict[str, Any]:
-    """A wrk step as loadtest.report.step_summary shapes a Locust one. wrk cannot tell which
+    """A wrk step as loadtest.report.step_summary shapes a Locust one (`during`: a scrape taken
+    while the step ran, for the connections each worker held). wrk cannot tell which
     rotated request an answer belongs to, so by_backend and by_protocol are filled only when the
     step sent one backend (compare mode) or one protocol."""
     traffic = wrk_traffic(result, specs[0].images)
@@ -129,7 +133,7 @@ def wrk_step_summary(
                          "bytes_read": int(result.get("bytes", 0)),
                          "cores_busy": generator_cores(result)}  # fmt: skip
     summary["server"]["cores_busy"] = cores_busy(delta, summary["window_s"])
-    summary["server"]["workers"] = worker_spread(delta, summary["window_s"])
+    summary["server"]["workers"] = worker_spread(delta, summary["window_s"], during)
     return summary
 
 
@@ -168,15 +172,29 @@ class WrkDriver:
         budget: int,
         scrape: Callable[[], list[Scrape]],
         think_ms: float = 0,
-    ) -> tuple[dict[str, Any], list[Scrape], list[Scrape]]:
-        """Settle (unmeasured run), scrape, measured run, scrape."""
+    ) -> tuple[dict[str, Any], list[Scrape], list[Scrape], list[Scrape]]:
+        """Settle (unmeasured run), scrape, measured run, scrape; and one scrape halfway through
+        the measured run, for what a server holds while loaded (its connections): wrk's
+        connections are gone by the time the last scrape is taken."""
         if settle_s >= 0.5:
             self.measure(self.config.urls, specs, users, settle_s, think_ms=think_ms)
         before = scrape()
         measured_s = max(1.0, step_s - settle_s)
-        result = self.measure(self.config.urls, specs, users, measured_s, budget, think_ms)
+        during: list[list[Scrape]] = []
+
+        def halfway() -> None:
+            with contextlib.suppress(Exception):  # a missed scrape only blanks a column
+                during.append(scrape())
+
+        timer = threading.Timer(measured_s / 2, halfway)
+        timer.start()
+        try:
+            result = self.measure(self.config.urls, specs, users, measured_s, budget, think_ms)
+        finally:
+            timer.cancel()
+            timer.join()
         after = scrape()
-        return result, before, after
+        return result, before, after, during[0] if during else []
 
     def quit(self) -> None:
         """Nothing runs between steps: each wrk run ends with its step."""

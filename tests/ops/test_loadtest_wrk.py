@@ -305,3 +305,12 @@ def test_a_wrk_step_reports_each_worker_s_share() -> None:
     spec = RequestSpec("/v2/models/m/infer", {}, b"x", backend="sparse")
     summary = wrk_step_summary(0, "sparse", 50, result, scrape, "m", [spec])
     assert summary["server"]["workers"] == {"cores": [0.2, 0.4], "connections": [20.0, 30.0]}
+    # The connections come from the scrape taken while wrk ran, when one is given: by the
+    # closing scrape wrk has left, and the worker that answers it holds only that scrape.
+    during = parse_metrics(
+        "# TYPE escort_worker_connections gauge\n"
+        'escort_worker_connections{worker="11"} 26\n'
+        'escort_worker_connections{worker="12"} 24\n'
+    )
+    summary = wrk_step_summary(0, "sparse", 50, result, scrape, "m", [spec], during)
+    assert summary["server"]["workers"] == {"cores": [0.2, 0.4], "connections": [24.0, 26.0]}

@@ -50,9 +50,9 @@ LAYER_BATCHES=${LAYER_BATCHES:-$(python3 -c "from service.config import Settings
 tail -3 "$R/layer_times.log"
 
 stamp servers
-ESCORT_ENGINE=null ESCORT_PORT=8001 python3 -m service.app >"$R/null-server.log" 2>&1 &
+ESCORT_ENGINE=null ESCORT_PORT=8001 ESCORT_GRPC=false python3 -m service.app >"$R/null-server.log" 2>&1 &
 null=$!
-ESCORT_LAYER_PROFILE_EVERY=${LAYER_PROFILE_EVERY:-1000} ESCORT_SLOW_REQUEST_MS=${SLOW_REQUEST_MS:-40} ESCORT_DEVICE=cuda ESCORT_PORT=8000 python3 -m service.app >"$R/server.log" 2>&1 &
+ESCORT_LAYER_PROFILE_EVERY=${LAYER_PROFILE_EVERY:-1000} ESCORT_SLOW_REQUEST_MS=${SLOW_REQUEST_MS:-40} ESCORT_DEVICE=cuda ESCORT_PORT=8000 ESCORT_GRPC_PORT=${GRPC_PORT:-8002} python3 -m service.app >"$R/server.log" 2>&1 &
 server=$!
 # PYSPY_AFTER_READY_S=N: N s after the engine is ready, py-spy samples the engine process and
 # one HTTP worker for 10 s without pausing them (--nonblocking), into pyspy-*.txt.

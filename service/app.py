@@ -22,6 +22,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.api import docs_assets, health, v1, v2
+from service.api.grpc_service import start_grpc_server
 from service.api.middleware import ServiceMiddleware
 from service.api.state import ServiceState
 from service.config import ConfigError, Settings, load_settings, unknown_environment_names
@@ -142,7 +143,13 @@ def create_app(
         dispatcher = dispatcher_factory(settings, metrics)
         preparing = asyncio.create_task(_prepare(state, dispatcher), name="prepare-engine")
         refreshing = asyncio.create_task(_refresh_process_metrics(metrics), name="process-metrics")
+        grpc_server = None
         try:
+            if getattr(app.state, "grpc_port", None):  # set by serve(): a server process
+                grpc_server = await start_grpc_server(
+                    lambda: app.state.service, settings.host, app.state.grpc_port,
+                    settings.max_request_bytes,
+                )  # fmt: skip
             yield
         finally:
             refreshing.cancel()
@@ -150,11 +157,13 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await preparing
             await _shutdown(state)
+            if grpc_server is not None:
+                await grpc_server.stop(grace=1.0)
 
     app = FastAPI(
         title="Escort Serve",
         summary="Pruned CNN inference on the Escort direct sparse convolution",
-        version=v2._version(),
+        version=v2.server_version(),
         lifespan=lifespan,
         docs_url=None,  # served offline by docs_assets (no CDN)
         redoc_url=None,
@@ -217,6 +226,7 @@ def serve(app: FastAPI, settings: Settings, sockets: list[socket.socket] | None 
         lifespan="on",
     )
     server = DrainingServer(config, app)
+    app.state.grpc_port = settings.grpc_port if settings.grpc else None
     # For the per-worker metrics: how many connections this server holds open.
     app.state.connection_count = lambda: len(server.server_state.connections)
 

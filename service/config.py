@@ -66,6 +66,10 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all).")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
+    grpc: bool = Field(True, description="Serve KServe V2 over gRPC too, on ESCORT_GRPC_PORT.")
+    grpc_port: int = Field(
+        8001, ge=1, le=65535, description="TCP port of the gRPC endpoint (Triton's default)."
+    )
     models: CommaList = Field(
         ("efficientnet-lite0",),
         description="Comma list of model manifests in the models folder to serve.",
@@ -267,6 +271,15 @@ class Settings(BaseSettings):
         if self.workers:
             return self.workers
         return default_worker_count(_usable_cores())
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> Settings:
+        if self.grpc and self.grpc_port == self.port:
+            raise ValueError(
+                f"ESCORT_GRPC_PORT and ESCORT_PORT are both {self.port}; give gRPC its own port "
+                "or set ESCORT_GRPC=false"
+            )
+        return self
 
     @property
     def per_worker_listeners(self) -> bool:

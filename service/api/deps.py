@@ -11,6 +11,7 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from fastapi import Request
+from pydantic import SecretStr
 
 from service.api.state import ServiceState
 from service.errors import (
@@ -34,10 +35,14 @@ def get_state(request: Request) -> ServiceState:
 def require_api_key(request: Request) -> None:
     """Dependency of the inference routes: a matching `Authorization: Bearer <key>` when
     ESCORT_API_KEY is set."""
-    expected = get_state(request).settings.api_key
+    check_api_key(get_state(request).settings.api_key, request.headers.get("authorization", ""))
+
+
+def check_api_key(expected: SecretStr | None, header: str) -> None:
+    """An `Authorization` value (HTTP header or gRPC metadata) against ESCORT_API_KEY, in
+    constant time; UnauthorizedError when it is missing or wrong."""
     if expected is None:
         return
-    header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise UnauthorizedError(

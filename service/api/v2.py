@@ -40,7 +40,7 @@ EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "st
 _BODY_TYPES = ("", "application/json", "application/octet-stream")
 
 
-def _version() -> str:
+def server_version() -> str:
     try:
         return metadata.version("escort-serve")
     except metadata.PackageNotFoundError:
@@ -116,7 +116,7 @@ def model_config(
 
 @router.get("")
 async def server_metadata() -> dict[str, Any]:
-    return {"name": "escort-serve", "version": _version(), "extensions": EXTENSIONS}
+    return {"name": "escort-serve", "version": server_version(), "extensions": EXTENSIONS}
 
 
 @router.get("/models/stats")

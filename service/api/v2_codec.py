@@ -30,7 +30,9 @@ OUTPUT = "probabilities"
 TENSOR_DTYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
 
 
-class _Tensor(BaseModel):
+class V2Tensor(BaseModel):
+    """One input tensor's description (its values in `data`, or as raw bytes beside it)."""
+
     model_config = ConfigDict(extra="allow")
     name: str
     shape: list[StrictInt]
@@ -39,7 +41,9 @@ class _Tensor(BaseModel):
     data: Any = None
 
 
-class _Output(BaseModel):
+class V2Output(BaseModel):
+    """One requested output."""
+
     model_config = ConfigDict(extra="allow")
     name: str
     parameters: dict[str, Any] | None = None
@@ -49,8 +53,8 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str | None = None
     parameters: dict[str, Any] | None = None
-    inputs: list[_Tensor] = Field(min_length=1)
-    outputs: list[_Output] | None = None
+    inputs: list[V2Tensor] = Field(min_length=1)
+    outputs: list[V2Output] | None = None
 
 
 @dataclass
@@ -74,7 +78,9 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def _param(params: dict[str, Any] | None, key: str, kind: type | tuple[type, ...], where: str):
+def request_parameter(
+    params: dict[str, Any] | None, key: str, kind: type | tuple[type, ...], where: str
+):
     if not params or key not in params:
         return None
     value = params[key]
@@ -125,7 +131,7 @@ def _parse_json(header: bytes) -> _Request:
         raise SchemaError("invalid inference request: " + "; ".join(parts)) from None
 
 
-def _element_count(tensor: _Tensor) -> int:
+def _element_count(tensor: V2Tensor) -> int:
     if any(dim < 0 for dim in tensor.shape):
         raise BadTensorError(f"input {tensor.name!r} has a negative dimension {tensor.shape}")
     return math.prod(tensor.shape)
@@ -165,7 +171,7 @@ def _flatten_json_strings(data: Any) -> list[Any]:
     return [data]
 
 
-def _images_from_json(tensor: _Tensor, expected: int) -> list[bytes]:
+def _images_from_json(tensor: V2Tensor, expected: int) -> list[bytes]:
     items = _flatten_json_strings(tensor.data)
     if len(items) != expected:
         raise BadTensorError(
@@ -185,7 +191,8 @@ def _images_from_json(tensor: _Tensor, expected: int) -> list[bytes]:
     return images
 
 
-def _parse_images(tensor: _Tensor, raw: bytes | None) -> list[bytes]:
+def parse_image_input(tensor: V2Tensor, raw: bytes | None) -> list[bytes]:
+    """The encoded images of the `image` input, from raw BYTES or from JSON base64."""
     if tensor.datatype != "BYTES":
         raise BadTensorError(f"input {IMAGE_INPUT!r} must be BYTES, got {tensor.datatype!r}")
     shape = tensor.shape
@@ -197,7 +204,10 @@ def _parse_images(tensor: _Tensor, raw: bytes | None) -> list[bytes]:
     return _images_from_json(tensor, expected)
 
 
-def _parse_tensor(tensor: _Tensor, raw: bytes | None, chw: tuple[int, int, int]) -> np.ndarray:
+def parse_tensor_input(
+    tensor: V2Tensor, raw: bytes | None, chw: tuple[int, int, int]
+) -> np.ndarray:
+    """The `input` tensor [N, *chw], from raw little-endian bytes or from JSON numbers."""
     dtype = TENSOR_DTYPES.get(tensor.datatype)
     if dtype is None:
         raise BadTensorError(
@@ -233,20 +243,22 @@ def _parse_tensor(tensor: _Tensor, raw: bytes | None, chw: tuple[int, int, int])
     return array.reshape(shape)
 
 
-def _requested_outputs(request: _Request, binary_default: bool) -> list[RequestedOutput]:
-    if not request.outputs:
+def requested_outputs(
+    outputs: list[V2Output] | None, binary_default: bool
+) -> list[RequestedOutput]:
+    if not outputs:
         return [RequestedOutput(OUTPUT, binary_default)]
     seen: set[str] = set()
     result = []
-    for output in request.outputs:
+    for output in outputs:
         if output.name != OUTPUT:
             raise BadInputError(f"unknown output {output.name!r}; the model has {OUTPUT!r}")
         if output.name in seen:
             raise BadInputError(f"output {output.name!r} is requested twice")
         seen.add(output.name)
         where = f"output {output.name!r}"
-        binary = _param(output.parameters, "binary_data", bool, where)
-        k = _param(output.parameters, "classification", int, where) or 0
+        binary = request_parameter(output.parameters, "binary_data", bool, where)
+        k = request_parameter(output.parameters, "classification", int, where) or 0
         if k < 0:
             raise SchemaError(f"{where} parameter 'classification' must be >= 0, got {k}")
         result.append(RequestedOutput(output.name, binary_default if binary is None else binary, k))
@@ -260,11 +272,11 @@ def parse_infer_request(
     header, binary = _split_body(body, header_length)
     request = _parse_json(header)
     params = request.parameters
-    backend = _param(params, "backend", str, "request")
-    timeout_us = _param(params, "timeout", int, "request")
+    backend = request_parameter(params, "backend", str, "request")
+    timeout_us = request_parameter(params, "timeout", int, "request")
     if timeout_us is not None and timeout_us < 0:
         raise SchemaError(f"request parameter 'timeout' (microseconds) must be >= 0: {timeout_us}")
-    binary_output = bool(_param(params, "binary_data_output", bool, "request"))
+    binary_output = bool(request_parameter(params, "binary_data_output", bool, "request"))
 
     names = [tensor.name for tensor in request.inputs]
     for name in names:
@@ -281,7 +293,9 @@ def parse_infer_request(
     offset = 0
     raws: list[bytes | None] = []
     for tensor in request.inputs:
-        size = _param(tensor.parameters, "binary_data_size", int, f"input {tensor.name!r}")
+        size = request_parameter(
+            tensor.parameters, "binary_data_size", int, f"input {tensor.name!r}"
+        )
         if size is None:
             if tensor.data is None:
                 raise BadTensorError(
@@ -308,13 +322,13 @@ def parse_infer_request(
         id=request.id,
         backend=backend,
         timeout_s=(timeout_us / 1e6) if timeout_us else None,
-        outputs=_requested_outputs(request, binary_output),
+        outputs=requested_outputs(request.outputs, binary_output),
     )
     tensor, raw = request.inputs[0], raws[0]
     if tensor.name == IMAGE_INPUT:
-        result.images = _parse_images(tensor, raw)
+        result.images = parse_image_input(tensor, raw)
     else:
-        result.tensor = _parse_tensor(tensor, raw, chw)
+        result.tensor = parse_tensor_input(tensor, raw, chw)
     return result
 
 
@@ -335,6 +349,38 @@ def classification_strings(
     return rows
 
 
+@dataclass
+class EncodedOutput:
+    """One output of an answer in both forms: the raw bytes and the JSON values."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    blob: bytes
+    binary: bool
+    json_data: list[Any] = field(repr=False)
+
+
+def encode_outputs(
+    request: InferRequest, probabilities: np.ndarray, labels: tuple[str, ...]
+) -> list[EncodedOutput]:
+    """Each requested output: probabilities (FP32) or classification strings (BYTES)."""
+    encoded = []
+    batch = int(probabilities.shape[0])
+    for wanted in request.outputs:
+        if wanted.classification > 0:
+            rows = classification_strings(probabilities, wanted.classification, labels)
+            flat = [item for row in rows for item in row]
+            shape = [batch, len(rows[0]) if rows else 0]
+            encoded.append(EncodedOutput(wanted.name, "BYTES", shape, encode_bytes_elements(flat),
+                                         wanted.binary, [item.decode() for item in flat]))  # fmt: skip
+        else:
+            values = np.ascontiguousarray(probabilities, dtype="<f4")
+            encoded.append(EncodedOutput(wanted.name, "FP32", list(values.shape), values.tobytes(),
+                                         wanted.binary, values.ravel().tolist() if not wanted.binary else []))  # fmt: skip
+    return encoded
+
+
 def encode_infer_response(
     model_name: str,
     request: InferRequest,
@@ -345,25 +391,14 @@ def encode_infer_response(
     """The response body, and the JSON header's length when binary outputs follow it."""
     outputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
-    batch = int(probabilities.shape[0])
-    for wanted in request.outputs:
-        entry: dict[str, Any] = {"name": wanted.name}
-        if wanted.classification > 0:
-            rows = classification_strings(probabilities, wanted.classification, labels)
-            flat = [item for row in rows for item in row]
-            entry.update(datatype="BYTES", shape=[batch, len(rows[0]) if rows else 0])
-            blob = encode_bytes_elements(flat)
-            json_data: list[Any] = [item.decode() for item in flat]
+    for output in encode_outputs(request, probabilities, labels):
+        entry: dict[str, Any] = {"name": output.name, "datatype": output.datatype,
+                                 "shape": output.shape}  # fmt: skip
+        if output.binary:
+            entry["parameters"] = {"binary_data_size": len(output.blob)}
+            blobs.append(output.blob)
         else:
-            values = np.ascontiguousarray(probabilities, dtype="<f4")
-            entry.update(datatype="FP32", shape=list(values.shape))
-            blob = values.tobytes()
-            json_data = values.ravel().tolist()
-        if wanted.binary:
-            entry["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            entry["data"] = json_data
+            entry["data"] = output.json_data
         outputs.append(entry)
     document: dict[str, Any] = {"model_name": model_name, "model_version": "1"}
     if request.id is not None:

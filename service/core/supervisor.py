@@ -75,6 +75,18 @@ def bind_worker_listeners(host: str, port: int, count: int) -> list[socket.socke
     return sockets
 
 
+def probe_port(host: str, port: int, setting: str) -> None:
+    """Fail now, with the setting to change, when host:port is taken: every worker binds it
+    itself later (gRPC with SO_REUSEPORT), where a clash would be a worker's crash."""
+    probe = _new_socket(host)
+    try:
+        probe.bind((host, port))
+    except OSError as exc:
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}; set {setting}") from None
+    finally:
+        probe.close()
+
+
 def _new_socket(host: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -108,6 +120,8 @@ class Supervisor:
     def run(self) -> int:
         settings = self.settings
         count = settings.worker_processes
+        if settings.grpc:
+            probe_port(settings.host, settings.grpc_port, "ESCORT_GRPC_PORT")
         if settings.per_worker_listeners:
             listeners = bind_worker_listeners(settings.host, settings.port, count)
         else:

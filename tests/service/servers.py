@@ -118,11 +118,14 @@ class ProcessServer:
         cwd: Path | None = None,
     ) -> None:
         self.port = free_port()
+        self.grpc_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.env = {
             **os.environ,
             "ESCORT_HOST": "127.0.0.1",
             "ESCORT_PORT": str(self.port),
+            "ESCORT_GRPC_PORT": str(self.grpc_port),
             # The repository first, then whatever the caller had (carried wheels on a GPU box).
             "PYTHONPATH": os.pathsep.join(
                 p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p

@@ -53,7 +53,7 @@ COPY --from=cpu-build /opt/venv /opt/venv
 COPY --from=cpu-build --chown=escort:escort /app /app
 WORKDIR /app
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('ESCORT_PORT', '8000'), timeout=4)"]
 # exec form: the server is PID 1 and gets SIGTERM directly, which starts its drain.
@@ -107,7 +107,7 @@ COPY --from=gpu-build /opt/venv /opt/venv
 COPY --from=gpu-build --chown=escort:escort /app /app
 WORKDIR /app
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('ESCORT_PORT', '8000'), timeout=4)"]
 CMD ["escort", "serve"]

@@ -55,8 +55,9 @@ def _servers(count_gpus: int, mode: str, base_port: int, command: str) -> list[d
 
 
 def _start(spec: dict[str, Any], command: str, log_path: Path) -> subprocess.Popen:
+    # The load test speaks HTTP: the replicas' gRPC endpoints stay off (one port each less).
     env = {**os.environ, "ESCORT_HOST": "127.0.0.1", "ESCORT_PORT": str(spec["port"]),
-           **spec["env"]}  # fmt: skip
+           "ESCORT_GRPC": "false", **spec["env"]}  # fmt: skip
     argv = shlex.split(command.replace("{port}", str(spec["port"])))
     with log_path.open("wb") as sink:
         return subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT)

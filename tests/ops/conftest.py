@@ -69,7 +69,12 @@ def serve(command: list[str], env: dict[str, str], port: int, log: Path) -> Iter
     """Start a server process and stop it (SIGTERM, then SIGKILL) when done."""
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            command, cwd=ROOT, env={**os.environ, **env}, stdout=sink, stderr=subprocess.STDOUT
+            # gRPC off unless asked for: these servers speak HTTP, and each would take 8001.
+            command,
+            cwd=ROOT,
+            env={**os.environ, "ESCORT_GRPC": "false", **env},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
         )
     server = Server(f"http://127.0.0.1:{port}", process, log)
     try:

@@ -72,6 +72,9 @@ def test_one_gpu_per_replica_and_probes_on_v2_health(docs: dict[str, dict]) -> N
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert ports["http"] == int(env["ESCORT_PORT"])
+    assert ports["grpc"] == int(env["ESCORT_GRPC_PORT"])
+    service_ports = {p["name"]: p["targetPort"] for p in docs["Service"]["spec"]["ports"]}
+    assert service_ports == {"http": "http", "grpc": "grpc"}
     assert env["ESCORT_HOST"] == "0.0.0.0" and env["ESCORT_DEVICE"] == "cuda"
     assert env["ESCORT_BACKEND"] in env["ESCORT_BACKENDS"].split(",")
     pod = docs["Deployment"]["spec"]["template"]["spec"]

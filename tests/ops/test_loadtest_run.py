@@ -197,6 +197,7 @@ def test_against_the_real_service_on_cpu(tmp_path: Path) -> None:
     env = {
         "ESCORT_HOST": "127.0.0.1",
         "ESCORT_PORT": str(port),
+        "ESCORT_GRPC": "false",
         "ESCORT_DEVICE": "cpu",
         "ESCORT_BACKENDS": "sparse,dense",
         "ESCORT_LAYER_PROFILE_EVERY": "1",

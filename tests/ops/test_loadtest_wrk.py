@@ -237,7 +237,8 @@ def test_wrk_run_against_the_standin(standin, tmp_path: Path) -> None:
 @needs_wrk
 def test_wrk_counts_4xx_from_the_service_and_measures_the_http_ceiling(tmp_path: Path) -> None:
     def fake(port: int, name: str, **extra: str):
-        env = {"ESCORT_HOST": "127.0.0.1", "ESCORT_PORT": str(port), "ESCORT_MODELS": "fake-net",
+        env = {"ESCORT_HOST": "127.0.0.1", "ESCORT_PORT": str(port), "ESCORT_GRPC": "false",
+               "ESCORT_MODELS": "fake-net",
                "ESCORT_BACKENDS": "sparse", "ESCORT_BACKEND": "sparse", "ESCORT_LOG_LEVEL": "warning",
                "PYTHONPATH": str(ROOT), **extra}  # fmt: skip
         command = [sys.executable, "-m", "tests.service.fake_server"]

@@ -35,4 +35,8 @@ def thread_server(fake_engine: FakeEngine) -> Iterator[ThreadServer]:
 
 @pytest.fixture(scope="session")
 def photos() -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in DATA.iterdir() if path.suffix != ".md"}
+    return {
+        path.name: path.read_bytes()
+        for path in DATA.iterdir()
+        if path.is_file() and path.suffix != ".md"
+    }

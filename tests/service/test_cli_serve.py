@@ -189,6 +189,7 @@ def _free_port() -> int:
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ESCORT_")}
+    env["ESCORT_GRPC"] = "false"  # these servers are about flags; gRPC has tests/api/test_grpc.py
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env.update(extra)
     return env

@@ -176,7 +176,7 @@ def test_unknown_escort_variables_are_reported(monkeypatch: pytest.MonkeyPatch) 
     from service.config import unknown_environment_names
 
     monkeypatch.setenv("ESCORT_MAX_BATCH", "8")  # a typo of ESCORT_MAX_BATCH_SIZE
-    monkeypatch.setenv("ESCORT_PORT", "8001")
+    monkeypatch.setenv("ESCORT_PORT", "8005")
     assert unknown_environment_names() == ["ESCORT_MAX_BATCH"]
     assert load_settings().max_batch_size == 32
 

@@ -159,7 +159,7 @@ def compare_markdown(folder: Path) -> str:
                      step["errors"]))  # fmt: skip
     rows.sort(key=lambda row: (row[1], row[0]))
     lines = ["# gRPC beside REST", "",
-             "One server, one image per request (FP32 [1, 3, 224, 224], raw bytes), closed loop; "
+             "One server, one FP32 image per request in raw bytes, closed loop; "
              "gRPC by `loadtest.grpc_load`, REST by `loadtest.run` with wrk.", "",
              "| users | protocol | img/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]  # fmt: skip
     for protocol, users, rate, lat, errors in rows:

@@ -9,7 +9,7 @@ RUN_NAME=${RUN_NAME:-grpc}
 R=$OUT/$RUN_NAME
 mkdir -p "$R"
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu-wheels/*.whl \
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site ${WHEELS:-.gpu-wheels}/*.whl \
   >"$R/pip.log" 2>&1 || { tail "$R/pip.log"; exit 1; }
 export PYTHONPATH=/tmp/site:.
 bash loadtest/unpack_debs.sh /tmp/debs >/dev/null

@@ -2,7 +2,9 @@
 # gRPC beside REST on one server, on the GPU (issue 12): bash bench/grpc_speed.sh
 # A null-engine server (its gRPC rate is the generator's ceiling) and the real one; gRPC steps
 # by loadtest.grpc_load, REST steps by loadtest.run with wrk (its own ceilings), then the
-# comparison table. Carry .gpu-wheels and .gpu-debs. Everything lands in $OUT/results-$RUN_NAME.tgz.
+# comparison table. Carry .gpu-wheels (or a smaller set in WHEELS=..., which must still hold
+# Locust's and gevent's wheels: loadtest.run imports them) and .gpu-debs. Everything lands in
+# $OUT/results-$RUN_NAME.tgz.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 RUN_NAME=${RUN_NAME:-grpc}
@@ -39,10 +41,12 @@ null=$!
 ESCORT_DEVICE=cuda ESCORT_PORT=8000 ESCORT_GRPC_PORT=8001 python3 -m service.app >"$R/server.log" 2>&1 &
 server=$!
 ready 8010 60 || { tail -20 "$R/null-server.log"; exit 1; }
+ready 8000 240 || { tail -20 "$R/server.log"; exit 1; }
+# After the real server is up: while it loads it tunes kernels on every core, and a ceiling
+# measured then is the host's leftovers (run grpc-r1: 1,752 req/s, under the real model's rate).
 stamp grpc-ceiling
 python3 -m loadtest.grpc_load --target 127.0.0.1:8011 --model "$MODEL" --users 128 --duration 8 \
   --out "$R/grpc-ceiling.json"
-ready 8000 240 || { tail -20 "$R/server.log"; exit 1; }
 for users in $USERS; do
   stamp "grpc $users"
   python3 -m loadtest.grpc_load --target 127.0.0.1:8001 --model "$MODEL" --users "$users" \

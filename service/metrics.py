@@ -93,7 +93,7 @@ class ServiceMetrics:
         reg = self.registry
         self.requests = Counter(
             "escort_requests",
-            "Inference requests answered, by model, backend, protocol (v1, v2) and HTTP code.",
+            "Inference requests answered, by model, backend, protocol (v1, v2, grpc) and HTTP code (over gRPC: the code REST gives the same outcome).",
             ["model", "backend", "protocol", "code"],
             registry=reg,
         )

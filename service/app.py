@@ -21,7 +21,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from service.api import docs_assets, health, v1, v2
+from service.api import docs_assets, health, repository, v1, v2
 from service.api.grpc_service import start_grpc_server
 from service.api.middleware import ServiceMiddleware
 from service.api.state import ServiceState
@@ -61,6 +61,7 @@ async def _prepare(state: ServiceState, dispatcher: Dispatcher) -> None:
     try:
         started = time.monotonic()
         state.dispatcher = dispatcher
+        dispatcher.on_models = state.set_models  # loads and unloads, from whichever worker
         models = await dispatcher.start()
         for name, desc in models.items():
             metrics.prepare_model(name, desc.backends, desc.layer_sparsity)
@@ -176,6 +177,7 @@ def create_app(
     )
     app.include_router(health.router)
     app.include_router(v2.router)
+    app.include_router(repository.router)
     app.include_router(v1.router)
     app.include_router(docs_assets.router)
     return app

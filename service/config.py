@@ -168,6 +168,12 @@ class Settings(BaseSettings):
         description="HTTP worker processes beside the engine core process; 0: all CPU cores "
         "but 4, at least half of them, at most 16.",
     )
+    repository_api: bool = Field(
+        False,
+        description="Allow the model repository API (/v2/repository/..., gRPC's Repository* "
+        "calls): index, and load or unload models at run time from the models folders. Off: "
+        "those calls get 403. Behind ESCORT_API_KEY when one is set.",
+    )
     listener: Literal["auto", "per-worker", "shared"] = Field(
         "auto",
         description="per-worker: each HTTP worker listens on the port itself (SO_REUSEPORT) "

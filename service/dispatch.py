@@ -23,7 +23,9 @@ import numpy as np
 
 from service.batching import BatchQueue, Timeline
 from service.config import Settings
+from service.engine.errors import UnknownModelError
 from service.engine.protocol import Engine, ModelDescription
+from service.errors import BadInputError, ModelNotFoundError
 from service.metrics import ServiceMetrics
 
 log = logging.getLogger("escort.dispatch")
@@ -87,6 +89,16 @@ class Dispatcher(ABC):
     async def close(self) -> None:
         """Fail what is queued, stop, and release the engine."""
 
+    # The repository API: load and unload models at run time. Each answers every model served
+    # afterwards; `on_models` hears of every change, whichever process asked for it.
+    on_models: Callable[[dict[str, ModelDescription]], None] | None = None
+
+    async def load(self, name: str) -> dict[str, ModelDescription]:
+        raise BadInputError("this server cannot load models at run time")
+
+    async def unload(self, name: str) -> dict[str, ModelDescription]:
+        raise BadInputError("this server cannot unload models at run time")
+
 
 def default_engine_factory(settings: Settings, metrics: ServiceMetrics) -> Engine:
     """The engine `ESCORT_ENGINE` names: torch (the real one) or null (computes nothing)."""
@@ -121,7 +133,12 @@ class LocalDispatcher(Dispatcher):
         self.engine = engine
         self._factory = engine_factory
         self.batchers: dict[tuple[str, str], BatchQueue] = {}
+        self.models: dict[str, ModelDescription] = {}
         self._memory_task: asyncio.Task[None] | None = None
+        self._repository = asyncio.Lock()  # one load or unload at a time
+        # Checked before a model loads: can every HTTP worker's slots hold its rows? (The
+        # engine process sets it from the arenas the workers announced.)
+        self.check_fits: Callable[[ModelDescription], None] | None = None
 
     async def _watch_memory(self) -> None:
         assert self.engine is not None
@@ -138,36 +155,95 @@ class LocalDispatcher(Dispatcher):
         started = time.monotonic()
         if self.engine is None:
             self.engine = await asyncio.to_thread(self._factory, settings, metrics)
-        engine = self.engine
-        models = engine.describe()
-        for name, desc in models.items():
-            metrics.prepare_model(name, desc.backends, desc.layer_sparsity)
+        models = self.engine.describe()
         self._memory_task = asyncio.get_running_loop().create_task(self._watch_memory())
         for name, desc in models.items():
-            for backend in desc.backends:
-                batcher = BatchQueue(
-                    name,
-                    backend,
-                    engine.infer_rows,
-                    metrics,
-                    max_batch_size=min(settings.max_batch_size, desc.max_batch_size),
-                    max_batch_delay_ms=settings.max_batch_delay_ms,
-                    max_queue_size=settings.max_queue_size,
-                    retry_after_s=settings.retry_after_s,
-                    launch=engine.launch_rows if engine.pipelined else None,
-                    collect=engine.collect if engine.pipelined else None,
-                )
-                # In the thread that will run this model's batches (see Engine.warmup).
-                await batcher.in_engine_thread(engine.warmup, name, backend)
-                batcher.start()
-                self.batchers[(name, backend)] = batcher
-            metrics.model_ready.labels(name).set(1)
+            await self._start_model(name, desc)
         log.info(
             "engine ready: %s in %.1f s",
             ", ".join(f"{n} ({'/'.join(d.backends)})" for n, d in models.items()),
             time.monotonic() - started,
         )
-        return dict(models)
+        return dict(self.models)
+
+    async def _start_model(self, name: str, desc: ModelDescription) -> None:
+        """The model's batchers, each warmed in its own engine thread, then ready."""
+        settings, metrics, engine = self.settings, self.metrics, self.engine
+        assert engine is not None
+        metrics.prepare_model(name, desc.backends, desc.layer_sparsity)
+        for backend in desc.backends:
+            batcher = BatchQueue(
+                name,
+                backend,
+                engine.infer_rows,
+                metrics,
+                max_batch_size=min(settings.max_batch_size, desc.max_batch_size),
+                max_batch_delay_ms=settings.max_batch_delay_ms,
+                max_queue_size=settings.max_queue_size,
+                retry_after_s=settings.retry_after_s,
+                launch=engine.launch_rows if engine.pipelined else None,
+                collect=engine.collect if engine.pipelined else None,
+            )
+            # In the thread that will run this model's batches (see Engine.warmup).
+            await batcher.in_engine_thread(engine.warmup, name, backend)
+            batcher.start()
+            self.batchers[(name, backend)] = batcher
+        self.models[name] = desc
+        metrics.model_ready.labels(name).set(1)
+
+    def _announce(self) -> None:
+        if self.on_models is not None:
+            self.on_models(dict(self.models))
+
+    async def load(self, name: str) -> dict[str, ModelDescription]:
+        """Load a model (a manifest name) beside the served ones; loaded already: no-op. The
+        build runs in a thread of its own, so the served models' batches go on meanwhile."""
+        async with self._repository:
+            if name in self.models:
+                return dict(self.models)
+            assert self.engine is not None
+            started = time.monotonic()
+            log.info("loading %s", name)
+            try:
+                desc = await asyncio.to_thread(self.engine.load_model, name)
+                if self.check_fits is not None:
+                    self.check_fits(desc)
+            except UnknownModelError as exc:
+                raise ModelNotFoundError(str(exc)) from None
+            except NotImplementedError as exc:
+                raise BadInputError(str(exc)) from None
+            except BadInputError:
+                await asyncio.to_thread(self.engine.unload_model, name)
+                raise
+            except Exception as exc:  # a bad manifest, missing weights, a failed build
+                log.exception("could not load %s", name)
+                raise BadInputError(
+                    f"could not load {name!r}: {type(exc).__name__}: {exc}"
+                ) from None
+            await self._start_model(desc.name, desc)
+            log.info("loaded %s in %.1f s", desc.name, time.monotonic() - started)
+            self._announce()
+            return dict(self.models)
+
+    async def unload(self, name: str) -> dict[str, ModelDescription]:
+        """Stop admitting the model's requests, let its queued and running batches finish
+        (at most ESCORT_DRAIN_TIMEOUT_S), then release it."""
+        async with self._repository:
+            if name not in self.models:
+                served = ", ".join(self.models) or "none"
+                raise ModelNotFoundError(f"model {name!r} is not loaded; loaded: {served}")
+            del self.models[name]
+            self._announce()  # the workers stop admitting it before its queues drain
+            for key in [k for k in self.batchers if k[0] == name]:
+                batcher = self.batchers.pop(key)
+                if not await batcher.drain(self.settings.drain_timeout_s):
+                    log.warning("unload %s/%s: drain timeout, failing what is left", *key)
+                await batcher.close()
+            self.metrics.model_ready.labels(name).set(0)
+            assert self.engine is not None
+            await asyncio.to_thread(self.engine.unload_model, name)
+            log.info("unloaded %s", name)
+            return dict(self.models)
 
     async def submit(
         self,
@@ -177,7 +253,10 @@ class LocalDispatcher(Dispatcher):
         deadline: float,
         timeline: Timeline | None = None,
     ) -> np.ndarray:
-        return await self.batchers[(model, backend)].submit(rows, deadline, timeline)
+        batcher = self.batchers.get((model, backend))
+        if batcher is None:  # unloaded since the request was admitted
+            raise ModelNotFoundError(f"model {model!r} is not loaded")
+        return await batcher.submit(rows, deadline, timeline)
 
     async def totals(self, model: str) -> BatchTotals:
         batchers = [b for (name, _), b in self.batchers.items() if name == model]

@@ -54,6 +54,12 @@ class UnauthorizedError(ServiceError):
         super().__init__(message, {"WWW-Authenticate": "Bearer"})
 
 
+class ForbiddenError(ServiceError):
+    """An endpoint this server has turned off (the repository API without its setting)."""
+
+    status_code = 403
+
+
 class NotFoundError(ServiceError):
     status_code = 404
 

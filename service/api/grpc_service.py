@@ -25,6 +25,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service.api.deps import check_api_key
 from service.api.grpc_codec import encode_grpc_infer_response, parse_grpc_infer_request
+from service.api.repository import check_load_parameters
 from service.api.state import ServiceState
 from service.api.v2 import EXTENSIONS, MODEL_VERSION, model_metadata, server_version
 from service.errors import NotFoundError, NotReadyError, ServiceError
@@ -35,6 +36,7 @@ log = logging.getLogger("escort.grpc")
 GRPC_STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     415: grpc.StatusCode.INVALID_ARGUMENT,
@@ -118,6 +120,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         return await self._call(context, describe)
 
+    async def RepositoryIndex(self, request, context):
+        async def index(state: ServiceState):
+            _check_key(state, context)
+            rows = state.repository_index(ready_only=request.ready)
+            entries = [pb.RepositoryIndexResponse.ModelIndex(**row) for row in rows]
+            return pb.RepositoryIndexResponse(models=entries)
+
+        return await self._call(context, index)
+
+    async def RepositoryModelLoad(self, request, context):
+        async def load(state: ServiceState):
+            _check_key(state, context)
+            check_load_parameters(request.parameters.keys())
+            await state.load_model(request.model_name)
+            return pb.RepositoryModelLoadResponse()
+
+        return await self._call(context, load)
+
+    async def RepositoryModelUnload(self, request, context):
+        async def unload(state: ServiceState):
+            _check_key(state, context)
+            await state.unload_model(request.model_name)
+            return pb.RepositoryModelUnloadResponse()
+
+        return await self._call(context, unload)
+
     async def ModelInfer(self, request, context):
         start = time.monotonic()
         outcome = {"code": 500, "backend": "none"}
@@ -132,8 +160,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, state: ServiceState, request, context, outcome) -> pb.ModelInferResponse:
         try:
-            metadata = dict(context.invocation_metadata() or ())
-            check_api_key(state.settings.api_key, str(metadata.get("authorization", "")))
+            _check_key(state, context)
             if state.draining:
                 raise state.refuse_while_draining(request.model_name)
             async with state.tracked():  # a drain waits for these
@@ -168,6 +195,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
         state.observe_stage(desc.name, backend, "encode", time.perf_counter() - encoding)
         return response
+
+
+def _check_key(state: ServiceState, context) -> None:
+    metadata = dict(context.invocation_metadata() or ())
+    check_api_key(state.settings.api_key, str(metadata.get("authorization", "")))
 
 
 def _check_version(model: str, version: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -20,10 +21,12 @@ import numpy as np
 from service.batching import Timeline
 from service.config import Settings
 from service.dispatch import BatchTotals, Dispatcher
+from service.engine.manifest import list_manifests
 from service.engine.protocol import ModelDescription
 from service.errors import (
     BadImageError,
     BadInputError,
+    ForbiddenError,
     ModelNotFoundError,
     NotReadyError,
     ShuttingDownError,
@@ -33,6 +36,9 @@ from service.metrics import ServiceMetrics
 from service.preprocess import Preprocessor, engine_decodable
 
 log = logging.getLogger("escort.app")
+
+# A model name the repository API takes: a manifest's file name, never a path.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass
@@ -108,6 +114,64 @@ class ServiceState:
             self.metrics.inflight.dec()
             if self.inflight == 0:
                 self._quiet.set()
+
+    # -- the model repository -------------------------------------------------------------
+
+    def set_models(self, models: dict[str, ModelDescription]) -> None:
+        """The served models changed (a load or an unload, asked of any worker)."""
+        for name, desc in models.items():
+            if name not in self.models:
+                self.metrics.prepare_model(name, desc.backends, desc.layer_sparsity)
+                self.metrics.model_ready.labels(name).set(1)
+        for name in set(self.models) - set(models):
+            self.metrics.model_ready.labels(name).set(0)
+        self.models = dict(models)
+        self.expected_models = tuple(models)  # an unloaded model is unknown, not loading
+
+    def _repository(self, name: str | None = None) -> Dispatcher:
+        if not self.settings.repository_api:
+            raise ForbiddenError(
+                "the model repository API is off; set ESCORT_REPOSITORY_API=true to load and "
+                "unload models at run time"
+            )
+        if name is not None and (not MODEL_NAME.fullmatch(name) or ".." in name):
+            raise BadInputError(
+                f"{name!r} is not a model name: letters, digits, '.', '_' and '-', naming a "
+                "manifest in the models folders"
+            )
+        if self.draining:
+            raise self.refuse_while_draining(name or "unknown")
+        if not self.ready or self.dispatcher is None:
+            raise NotReadyError(self.not_ready_reason() or "not ready", self.settings.retry_after_s)
+        return self.dispatcher
+
+    async def load_model(self, name: str) -> None:
+        """Load a manifest from the models folders (ESCORT_MODELS_DIR, then the shipped ones)
+        beside the served models; loaded already: nothing to do."""
+        dispatcher = self._repository(name)
+        available = list_manifests(self.settings.models_dir)
+        if name not in available and name not in self.models:
+            raise ModelNotFoundError(
+                f"no manifest {name!r} in the models folders; available: "
+                f"{', '.join(available) or 'none'}"
+            )
+        self.set_models(await dispatcher.load(name))
+
+    async def unload_model(self, name: str) -> None:
+        """Stop serving a model: new requests get 404 at once, its queued ones finish first."""
+        self.set_models(await self._repository(name).unload(name))
+
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        """Triton's index: the served models READY, the other manifests UNAVAILABLE."""
+        self._repository()
+        rows = [{"name": name, "version": "1", "state": "READY"} for name in sorted(self.models)]
+        if not ready_only:
+            rows += [
+                {"name": name, "version": "1", "state": "UNAVAILABLE", "reason": "not loaded"}
+                for name in list_manifests(self.settings.models_dir)
+                if name not in self.models
+            ]
+        return rows
 
     # -- lookups --------------------------------------------------------------------------
 

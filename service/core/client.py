@@ -143,6 +143,24 @@ class RemoteDispatcher(Dispatcher):
         async with asyncio.timeout(5.0):
             return await call.future
 
+    async def load(self, name: str) -> dict[str, ModelDescription]:
+        return await self._repository("load", name)
+
+    async def unload(self, name: str) -> dict[str, ModelDescription]:
+        return await self._repository("unload", name)
+
+    async def _repository(self, kind: str, name: str) -> dict[str, ModelDescription]:
+        if not self._alive or self._loop is None:
+            raise UnavailableError("the engine process is not running", 1)
+        request_id = next(self._ids)
+        call = _Call(self._loop.create_future(), [])
+        call.future.add_done_callback(_retrieve)
+        self._calls[request_id] = call
+        self._send((kind, request_id, name))
+        # No time limit: a load builds and tunes (minutes on a GPU); the client's own
+        # timeout ends its wait, never the engine's work.
+        return await asyncio.shield(call.future)
+
     async def close(self) -> None:
         self._lost(UnavailableError("the server shut down before this request ran", 0))
         if self._arena is not None:
@@ -172,6 +190,10 @@ class RemoteDispatcher(Dispatcher):
         if kind == "ready" and self._ready is not None and not self._ready.done():
             self._ready.set_result(message[1])
             return
+        if kind == "models" and message[1] == 0:  # the engine's news: the served models changed
+            if self.on_models is not None:
+                self.on_models(message[2])
+            return
         if kind == "failed" and self._ready is not None and not self._ready.done():
             self._ready.set_exception(
                 NotReadyError(f"the engine process could not load the models: {message[1]}")
@@ -190,7 +212,7 @@ class RemoteDispatcher(Dispatcher):
             return
         if kind == "done":
             call.future.set_result(result)
-        elif kind == "totals":
+        elif kind in ("totals", "models"):
             call.future.set_result(message[2])
         elif kind == "error":
             call.future.set_exception(rebuild_error(*message[2:5]))

@@ -31,7 +31,12 @@ from service.core.arena import SlotArena
 from service.core.messages import error_message
 from service.dispatch import EngineFactory, LocalDispatcher, default_engine_factory, freeze_heap
 from service.engine.protocol import ModelDescription
-from service.errors import ClientDisconnectedError, EngineFailureError
+from service.errors import (
+    BadInputError,
+    ClientDisconnectedError,
+    EngineFailureError,
+    ModelNotFoundError,
+)
 from service.metrics import ServiceMetrics
 
 log = logging.getLogger("escort.engine_process")
@@ -52,12 +57,10 @@ class _WorkerLink:
         index: int,
         conn: Connection,
         dispatcher: LocalDispatcher,
-        models: dict[str, ModelDescription],
     ) -> None:
         self.index = index
         self.conn = conn
         self.dispatcher = dispatcher
-        self.models = models
         self.arena: SlotArena | None = None
         self.pinned = False
         self.tasks: dict[int, asyncio.Task[None]] = {}
@@ -93,6 +96,9 @@ class _WorkerLink:
         elif kind == "totals":
             _, request_id, model = message
             asyncio.get_running_loop().create_task(self._totals(request_id, model))
+        elif kind in ("load", "unload"):
+            _, request_id, model = message
+            asyncio.get_running_loop().create_task(self._repository(kind, request_id, model))
         elif kind == "hello":
             _, name, slots, in_bytes, out_bytes = message
             self.arena = SlotArena.attach(name, slots, in_bytes, out_bytes)
@@ -121,7 +127,9 @@ class _WorkerLink:
         lengths: list[int] | None,
     ) -> None:
         try:
-            desc = self.models[model]
+            desc = self.dispatcher.models.get(model)
+            if desc is None:  # unloaded since the worker admitted the request
+                raise ModelNotFoundError(f"model {model!r} is not loaded")
             if self.arena is None:
                 raise EngineFailureError("the worker sent rows before its arena")
             shapes = [(n,) for n in lengths] if lengths else [desc.input_shape] * len(slots)
@@ -146,6 +154,16 @@ class _WorkerLink:
 
     async def _totals(self, request_id: int, model: str) -> None:
         self.send(("totals", request_id, await self.dispatcher.totals(model)))
+
+    async def _repository(self, kind: str, request_id: int, model: str) -> None:
+        """A load or unload this worker asked for. Every worker (this one first, on this same
+        pipe) hears of the new set of models through the dispatcher's `on_models` before this
+        answer, so the asking worker already serves it when it answers its client."""
+        change = self.dispatcher.load if kind == "load" else self.dispatcher.unload
+        try:
+            self.send(("models", request_id, await change(model)))
+        except Exception as exc:
+            self.send(error_message(request_id, exc))
 
     def close(self) -> None:
         """The worker is gone: drop its queued rows, then let its arena go."""
@@ -203,7 +221,17 @@ async def serve_engine(
         return LOAD_FAILED
     freeze_heap()
     log.debug("engine event loop: %s", type(loop).__module__.split(".")[0])
-    links = [_WorkerLink(i, conn, dispatcher, models) for i, conn in enumerate(conns)]
+    links = [_WorkerLink(i, conn, dispatcher) for i, conn in enumerate(conns)]
+
+    def announce(current: dict[str, ModelDescription]) -> None:
+        for link in links:
+            link.send(("models", 0, current))  # request id 0: nobody's call, everybody's news
+
+    def fits(desc: ModelDescription) -> None:
+        _check_fits(desc, [link.arena for link in links if link.arena is not None])
+
+    dispatcher.on_models = announce
+    dispatcher.check_fits = fits
     for link in links:
         link.send(("ready", models))
         loop.add_reader(link.conn.fileno(), link.on_readable)
@@ -215,6 +243,20 @@ async def serve_engine(
         await link.release_arena()
     log.info("engine process stopped")
     return 0
+
+
+def _check_fits(desc: ModelDescription, arenas: list[SlotArena]) -> None:
+    """The workers' slots were sized at start for the largest model then served: a model
+    loaded later must fit them (its photos may be any size: they go as decoded rows)."""
+    in_bytes = int(np.prod(desc.input_shape)) * 4
+    out_bytes = desc.num_classes * 4
+    for arena in arenas:
+        if in_bytes > arena.in_bytes or out_bytes > arena.out_bytes:
+            raise BadInputError(
+                f"model {desc.name!r} needs {in_bytes} bytes per input row and {out_bytes} per "
+                f"output; the workers' slots hold {arena.in_bytes} and {arena.out_bytes} (sized "
+                "at start for the models in ESCORT_MODELS): start with a model at least as large"
+            )
 
 
 def main(

@@ -8,11 +8,14 @@ worker -> engine: ("hello", arena_name, slots, in_bytes, out_bytes)
                   (lengths: None for tensor rows, byte counts for encoded photos)
                   ("cancel", request_id)
                   ("totals", request_id, model)
+                  ("load", request_id, model), ("unload", request_id, model)
 engine -> worker: ("ready", {model: ModelDescription}) or ("failed", reason)
                   ("done", request_id, classes, times)   outputs are in the slots;
                   (times: the batcher's Timeline.times(), for the worker's stages)
                   ("error", request_id, kind, message, retry_after_s)
                   ("totals", request_id, BatchTotals)
+                  ("models", request_id, {model: ModelDescription})   after a load or unload:
+                  (request id 0 to every worker first, then the asking worker's own answer)
 supervisor -> engine: ("stop",)
 """
 

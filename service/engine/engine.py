@@ -197,6 +197,9 @@ class TorchEngine(Engine):
         self._pinned = PinnedRanges()  # the arenas pin_host_memory registered
         self._descriptions: dict[str, ModelDescription] = {}
         cache = TuningCache(Path(spec.cache_dir) / "autotune.json")
+        # Kept for load_model: a model loaded at run time is built as the first ones were.
+        self._build_with = (cache, layer_observer, plan_factory, timer)
+        self._load_source = load
         names = [s.name for s in sources] if sources is not None else list(spec.models)
         given = {s.name: s for s in sources or ()}
         bar = _Progress(len(names) * (2 + 2 * len(spec.backends)), progress)
@@ -361,6 +364,28 @@ class TorchEngine(Engine):
                 "free": float(free),
             }
         }
+
+    def load_model(self, name: str) -> ModelDescription:
+        """Load, build, warm and capture one more model while the others keep serving."""
+        if name in self._runners:
+            return self._descriptions[name]
+        source = self._load_source(name, self.spec.models_dir, False)
+        bar = _Progress(2 + 2 * len(self.spec.backends), True)  # a log line per step
+        try:
+            self._load(source, *self._build_with, bar)
+        except BaseException:
+            self.unload_model(source.name)
+            raise
+        finally:
+            bar.close()
+        return self._descriptions[source.name]
+
+    def unload_model(self, name: str) -> None:
+        for runner in self._runners.pop(name, {}).values():
+            runner.close()
+        self._descriptions.pop(name, None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def close(self) -> None:
         for runners in self._runners.values():

@@ -21,20 +21,30 @@ from service.engine.protocol import Engine, ModelDescription
 
 class NullEngine(Engine):
     def __init__(self, settings: Settings) -> None:
+        self._settings = settings
         self._models: dict[str, ModelDescription] = {}
         for name in settings.models:
-            manifest = load_manifest(name, settings.models_dir)
-            self._models[manifest.name] = ModelDescription(
-                name=manifest.name,
-                architecture=f"null ({manifest.architecture} not loaded)",
-                labels=tuple(manifest.labels),
-                preprocessing=manifest.preprocessing,
-                backends=settings.loaded_backends,
-                max_batch_size=settings.max_batch_size,
-                device="none",
-                precision=settings.precision,
-                card={"engine": "null: answers uniform probabilities, computes nothing"},
-            )
+            self.load_model(name)
+
+    def load_model(self, name: str) -> ModelDescription:
+        settings = self._settings
+        manifest = load_manifest(name, settings.models_dir)
+        desc = ModelDescription(
+            name=manifest.name,
+            architecture=f"null ({manifest.architecture} not loaded)",
+            labels=tuple(manifest.labels),
+            preprocessing=manifest.preprocessing,
+            backends=settings.loaded_backends,
+            max_batch_size=settings.max_batch_size,
+            device="none",
+            precision=settings.precision,
+            card={"engine": "null: answers uniform probabilities, computes nothing"},
+        )
+        self._models[manifest.name] = desc
+        return desc
+
+    def unload_model(self, name: str) -> None:
+        self._models.pop(name, None)
 
     def describe(self) -> dict[str, ModelDescription]:
         return dict(self._models)

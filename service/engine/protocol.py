@@ -115,6 +115,15 @@ class Engine(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release devices and threads."""
 
+    def load_model(self, name: str) -> ModelDescription:
+        """Load, build and warm one more model (a manifest name) while the others keep serving;
+        its description. Engines that cannot say so (the repository API then answers 400)."""
+        raise NotImplementedError(f"this engine cannot load models at run time ({name!r})")
+
+    def unload_model(self, name: str) -> None:
+        """Release a model; its batches have finished (the caller drained them)."""
+        raise NotImplementedError(f"this engine cannot unload models at run time ({name!r})")
+
 
 @dataclass(frozen=True)
 class EngineSpec:

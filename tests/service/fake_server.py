@@ -1,7 +1,7 @@
 """A server with the fake engine, for tests that need a process of its own (signals, drain):
 `python -m tests.service.fake_server`. It runs the real process layout (supervisor, engine
 core process, HTTP workers) with the fake engine inside the engine process. Settings come
-from ESCORT_* variables; FAKE_DELAY_S slows batches."""
+from ESCORT_* variables; FAKE_DELAY_S slows batches, FAKE_LOAD_S a model's load."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from tests.service.fakes import FakeEngine
 def fake_engine(settings: Settings, metrics: ServiceMetrics) -> FakeEngine:
     """Runs in the engine process (the supervisor passes it there by name)."""
     return FakeEngine(
-        backends=settings.loaded_backends, delay_s=float(os.environ.get("FAKE_DELAY_S", "0"))
+        backends=settings.loaded_backends,
+        delay_s=float(os.environ.get("FAKE_DELAY_S", "0")),
+        load_delay_s=float(os.environ.get("FAKE_LOAD_S", "0")),
     )
 
 

@@ -11,9 +11,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from service.engine.errors import UnknownModelError
 from service.engine.protocol import Engine, ModelDescription, Preprocessing
 
 FAKE_MODEL = "fake-net"
+# What the fake engine's load_model accepts (the repository API's tests load and unload them).
+FAKE_LOADABLE = (FAKE_MODEL, "fake-net-b")
 FAKE_LABELS = tuple(f"class-{i}" for i in range(10))
 FAKE_PREPROCESSING = Preprocessing(resize=40, crop=32, mean=(127.0, 127.0, 127.0), std=(128.0,) * 3)
 
@@ -33,6 +36,8 @@ class FakeEngine(Engine):
     calls: list[tuple[str, str, int]] = field(default_factory=list)
     rows_seen: list[float] = field(default_factory=list)
     closed: bool = False
+    models: set[str] = field(default_factory=lambda: {FAKE_MODEL})
+    load_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         rng = np.random.default_rng(7)
@@ -40,8 +45,11 @@ class FakeEngine(Engine):
         self.started = threading.Event()
 
     def describe(self) -> dict[str, ModelDescription]:
-        desc = ModelDescription(
-            name=FAKE_MODEL,
+        return {name: self._description(name) for name in sorted(self.models)}
+
+    def _description(self, name: str) -> ModelDescription:
+        return ModelDescription(
+            name=name,
             architecture="fake",
             labels=FAKE_LABELS,
             preprocessing=FAKE_PREPROCESSING,
@@ -52,7 +60,16 @@ class FakeEngine(Engine):
             card={"layers": [{"name": "conv1", "sparsity": np.float32(0.5)}]},
             layer_sparsity={"conv1": 0.5, "conv2": 0.9},
         )
-        return {FAKE_MODEL: desc}
+
+    def load_model(self, name: str) -> ModelDescription:
+        if name not in FAKE_LOADABLE:
+            raise UnknownModelError(name, FAKE_LOADABLE)
+        time.sleep(self.load_delay_s)
+        self.models.add(name)
+        return self._description(name)
+
+    def unload_model(self, name: str) -> None:
+        self.models.discard(name)
 
     def reference(self, batch: np.ndarray) -> np.ndarray:
         features = np.asarray(batch, dtype=np.float32).mean(axis=(2, 3))
@@ -62,7 +79,7 @@ class FakeEngine(Engine):
         return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
 
     def infer(self, model: str, backend: str, batch: np.ndarray) -> np.ndarray:
-        assert model == FAKE_MODEL and backend in self.backends
+        assert model in self.models and backend in self.backends
         assert batch.ndim == 4 and batch.shape[1:] == (3, 32, 32), batch.shape
         self.started.set()
         if self.gate is not None:

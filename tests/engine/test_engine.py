@@ -249,3 +249,36 @@ def test_concurrent_profiling_with_shared_sparse_ops(tmp_path, stand_in_plan) ->
 def _auto_sparse_ops(engine):
     auto = engine.runner("tiny-resnet", "auto").module
     return [m.sparse for m in auto.modules() if hasattr(m, "choice")]
+
+
+def test_a_model_loads_and_unloads_at_run_time(tmp_path, stand_in_plan) -> None:
+    spec = EngineSpec(models=("tiny-resnet",), backends=("sparse", "dense"), device="cpu",
+                      max_batch_size=4, cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    loads: list[str] = []
+
+    def load(name: str, models_dir: str, progress: bool) -> ModelSource:
+        loads.append(name)
+        if name != "tiny-b":
+            raise UnknownModelError(name, ["tiny-b"])
+        return _source("tiny-b")
+
+    engine = TorchEngine(spec, [_source()], progress=False, plan_factory=stand_in_plan, load=load)
+    try:
+        desc = engine.load_model("tiny-b")
+        assert desc.name == "tiny-b" and set(engine.describe()) == {"tiny-resnet", "tiny-b"}
+        batch = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)
+        np.testing.assert_allclose(
+            engine.infer("tiny-b", "sparse", batch), engine.infer("tiny-resnet", "sparse", batch),
+            rtol=1e-4, atol=1e-6,
+        )  # fmt: skip
+        assert engine.load_model("tiny-b").name == "tiny-b"
+        assert loads == ["tiny-b"]  # loaded already: not built twice
+        with pytest.raises(UnknownModelError):
+            engine.load_model("nope")
+        assert set(engine.describe()) == {"tiny-resnet", "tiny-b"}  # a failed load leaves none
+        engine.unload_model("tiny-b")
+        assert set(engine.describe()) == {"tiny-resnet"}
+        with pytest.raises(UnknownModelError):
+            engine.infer("tiny-b", "sparse", batch)
+    finally:
+        engine.close()

@@ -29,6 +29,7 @@ from service.api.v2_codec import (
     request_parameter,
     requested_outputs,
 )
+from service.engine.protocol import ModelDescription
 from service.errors import BadTensorError, SchemaError
 
 
@@ -99,17 +100,13 @@ def parse_grpc_infer_request(
 
 
 def encode_grpc_infer_response(
-    model_name: str,
-    request: InferRequest,
-    probabilities: np.ndarray,
-    labels: tuple[str, ...],
-    backend: str,
+    model: ModelDescription, request: InferRequest, probabilities: np.ndarray, backend: str
 ) -> pb.ModelInferResponse:
-    response = pb.ModelInferResponse(model_name=model_name, model_version="1")
+    response = pb.ModelInferResponse(model_name=model.model_name, model_version=model.version)
     if request.id is not None:
         response.id = request.id
     response.parameters["backend"].string_param = backend
-    for output in encode_outputs(request, probabilities, labels):
+    for output in encode_outputs(request, probabilities, model.labels):
         response.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
         response.raw_output_contents.append(output.blob)
     return response

@@ -27,8 +27,8 @@ from service.api.deps import check_api_key
 from service.api.grpc_codec import encode_grpc_infer_response, parse_grpc_infer_request
 from service.api.repository import check_load_parameters
 from service.api.state import ServiceState
-from service.api.v2 import EXTENSIONS, MODEL_VERSION, model_metadata, server_version
-from service.errors import NotFoundError, NotReadyError, ServiceError
+from service.api.v2 import EXTENSIONS, model_metadata, server_version
+from service.errors import NotReadyError, ServiceError
 
 log = logging.getLogger("escort.grpc")
 
@@ -92,9 +92,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         async def ready(state: ServiceState):
-            _check_version(request.name, request.version)
             try:
-                state.describe(request.name)
+                state.describe(request.name, request.version)
             except NotReadyError:
                 return pb.ModelReadyResponse(ready=False)
             return pb.ModelReadyResponse(ready=state.not_ready_reason() is None)
@@ -108,8 +107,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         async def describe(state: ServiceState):
-            _check_version(request.name, request.version)
-            found = model_metadata(state.describe(request.name))
+            desc = state.describe(request.name, request.version)
+            found = model_metadata(desc, [d.version for d in state.versions(desc.model_name)])
             return pb.ModelMetadataResponse(
                 name=found["name"],
                 versions=found["versions"],
@@ -176,8 +175,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _answer(self, state: ServiceState, request, context, outcome):
         started = time.perf_counter()
-        _check_version(request.model_name, request.model_version)
-        desc = state.describe(request.model_name)
+        desc = state.describe(request.model_name, request.model_version)
         parsed = parse_grpc_infer_request(request, desc.input_shape)
         backend = state.resolve_backend(desc, parsed.backend)
         outcome["backend"] = backend
@@ -190,9 +188,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         else:
             probabilities = await state.classify_tensor(desc, backend, parsed.tensor, deadline)  # type: ignore[arg-type]
         encoding = time.perf_counter()
-        response = encode_grpc_infer_response(
-            desc.name, parsed, probabilities, desc.labels, backend
-        )
+        response = encode_grpc_infer_response(desc, parsed, probabilities, backend)
         state.observe_stage(desc.name, backend, "encode", time.perf_counter() - encoding)
         return response
 
@@ -200,11 +196,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 def _check_key(state: ServiceState, context) -> None:
     metadata = dict(context.invocation_metadata() or ())
     check_api_key(state.settings.api_key, str(metadata.get("authorization", "")))
-
-
-def _check_version(model: str, version: str) -> None:
-    if version and version != MODEL_VERSION:
-        raise NotFoundError(f"model {model!r} has no version {version!r}; it has {MODEL_VERSION}")
 
 
 def _record(state: ServiceState, model: str, outcome: dict[str, Any], seconds: float) -> None:

@@ -28,6 +28,7 @@ from service.errors import (
     BadInputError,
     ForbiddenError,
     ModelNotFoundError,
+    NotFoundError,
     NotReadyError,
     ShuttingDownError,
     UnknownBackendError,
@@ -38,7 +39,7 @@ from service.preprocess import Preprocessor, engine_decodable
 log = logging.getLogger("escort.app")
 
 # A model name the repository API takes: a manifest's file name, never a path.
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[0-9]{1,9})?")
 
 
 @dataclass
@@ -136,8 +137,8 @@ class ServiceState:
             )
         if name is not None and (not MODEL_NAME.fullmatch(name) or ".." in name):
             raise BadInputError(
-                f"{name!r} is not a model name: letters, digits, '.', '_' and '-', naming a "
-                "manifest in the models folders"
+                f"{name!r} is not a model name: letters, digits, '.', '_' and '-' (and '@N' for "
+                "a version), naming a manifest in the models folders"
             )
         if self.draining:
             raise self.refuse_while_draining(name or "unknown")
@@ -158,26 +159,51 @@ class ServiceState:
         self.set_models(await dispatcher.load(name))
 
     async def unload_model(self, name: str) -> None:
-        """Stop serving a model: new requests get 404 at once, its queued ones finish first."""
-        self.set_models(await self._repository(name).unload(name))
+        """Stop serving a model (every version of it, or the one its "@N" names): new requests
+        get 404 at once, its queued ones finish first."""
+        dispatcher = self._repository(name)
+        keys = [name] if name in self.models else [d.name for d in self.versions(name)]
+        if not keys:
+            served = ", ".join(sorted(self.models)) or "none"
+            raise ModelNotFoundError(f"model {name!r} is not loaded; loaded: {served}")
+        for key in keys:
+            self.set_models(await dispatcher.unload(key))
 
     def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
         """Triton's index: the served models READY, the other manifests UNAVAILABLE."""
         self._repository()
-        rows = [{"name": name, "version": "1", "state": "READY"} for name in sorted(self.models)]
+        rows = [
+            {"name": d.model_name, "version": d.version, "state": "READY"}
+            for d in sorted(self.models.values(), key=lambda d: (d.model_name, d.version))
+        ]
         if not ready_only:
-            rows += [
-                {"name": name, "version": "1", "state": "UNAVAILABLE", "reason": "not loaded"}
-                for name in list_manifests(self.settings.models_dir)
-                if name not in self.models
-            ]
+            for stem in list_manifests(self.settings.models_dir):
+                if stem not in self.models:
+                    model, _, version = stem.partition("@")
+                    rows.append({"name": model, "version": version or "1",
+                                 "state": "UNAVAILABLE", "reason": f"not loaded ({stem})"})  # fmt: skip
         return rows
 
     # -- lookups --------------------------------------------------------------------------
 
-    def describe(self, name: str) -> ModelDescription:
-        """The model's description; 404 if it is not served, 503 while it loads."""
-        if name in self.models:
+    def versions(self, name: str) -> list[ModelDescription]:
+        """The served versions of a model (its clients' name), oldest first."""
+        found = [d for d in self.models.values() if d.model_name == name]
+        return sorted(found, key=lambda d: int(d.version) if d.version.isdigit() else 0)
+
+    def describe(self, name: str, version: str | None = None) -> ModelDescription:
+        """A model's description: the version asked for, else its latest served one; 404 if
+        it is not served (or not in that version), 503 while it loads."""
+        versions = self.versions(name)
+        if versions:
+            if not version:
+                return versions[-1]
+            for desc in versions:
+                if desc.version == version:
+                    return desc
+            have = ", ".join(d.version for d in versions)
+            raise NotFoundError(f"model {name!r} has no version {version!r}; it has {have}")
+        if name in self.models and not version:  # a manifest name with its "@N"
             return self.models[name]
         if name in self.expected_models and not self.load_error:
             raise NotReadyError(
@@ -188,7 +214,9 @@ class ServiceState:
 
     def model_label(self, name: str) -> str:
         """The metrics label for a model named in a path: only served names pass through."""
-        return name if name in self.models or name in self.expected_models else "unknown"
+        if name in self.models or name in self.expected_models or self.versions(name):
+            return name
+        return "unknown"
 
     def resolve_backend(self, model: ModelDescription, requested: str | None) -> str:
         if requested is None or requested == "":
@@ -339,19 +367,19 @@ class ServiceState:
         outcomes.success_ns += time.monotonic_ns() - start
         outcomes.last_inference_ms = int(time.time() * 1000)
 
-    async def statistics(self, model: str, version: str) -> dict[str, Any]:
-        """The model's counters in the shape of Triton's statistics extension. The request
-        outcomes are this process's; the batch totals are the engine's."""
-        outcomes = self._outcomes.get(model, _Outcomes())
-        totals = await self.dispatcher.totals(model) if self.dispatcher else BatchTotals()
+    async def statistics(self, desc: ModelDescription) -> dict[str, Any]:
+        """The model version's counters in the shape of Triton's statistics extension. The
+        request outcomes are this process's; the batch totals are the engine's."""
+        outcomes = self._outcomes.get(desc.name, _Outcomes())
+        totals = await self.dispatcher.totals(desc.name) if self.dispatcher else BatchTotals()
         images = totals.images
 
         def pair(count: int, ns: int) -> dict[str, int]:
             return {"count": count, "ns": ns}
 
         return {
-            "name": model,
-            "version": version,
+            "name": desc.model_name,
+            "version": desc.version,
             "last_inference": outcomes.last_inference_ms,
             "inference_count": images,
             "execution_count": totals.batches,

@@ -1,8 +1,8 @@
 """KServe V2 (Open Inference Protocol) routes: server and model metadata, model readiness,
 configuration and statistics as Triton serves them, and infer (JSON and binary tensors).
 
-Each model has one version, "1"; the `/versions/{v}` forms of the routes accept it so that
-clients which always name a version work unchanged.
+A model may be served in several versions (manifests `<model>@<N>.toml`); a route without
+`/versions/{v}` takes the latest one served.
 """
 
 from __future__ import annotations
@@ -31,11 +31,10 @@ from service.api.v2_codec import (
     parse_infer_request,
 )
 from service.engine.protocol import ModelDescription
-from service.errors import NotFoundError, NotReadyError, UnsupportedMediaTypeError
+from service.errors import NotReadyError, UnsupportedMediaTypeError
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
-MODEL_VERSION = "1"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics"]
 _BODY_TYPES = ("", "application/json", "application/octet-stream")
 
@@ -47,17 +46,13 @@ def server_version() -> str:
         return "0.0.0"
 
 
-def _check_version(model: str, version: str | None) -> None:
-    if version is not None and version != MODEL_VERSION:
-        raise NotFoundError(f"model {model!r} has no version {version!r}; it has {MODEL_VERSION}")
-
-
-def model_metadata(desc: ModelDescription) -> dict[str, Any]:
+def model_metadata(desc: ModelDescription, versions: list[str]) -> dict[str, Any]:
+    """V2 model metadata; `versions`: every served version of the model."""
     channels, height, width = desc.input_shape
     prep = desc.preprocessing
     return {
-        "name": desc.name,
-        "versions": [MODEL_VERSION],
+        "name": desc.model_name,
+        "versions": versions,
         "platform": "escort",
         "inputs": [
             {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
@@ -88,7 +83,7 @@ def model_config(
     """The model as a Triton model configuration, for clients (perf_analyzer) that read it."""
     channels, height, width = desc.input_shape
     return {
-        "name": desc.name,
+        "name": desc.model_name,
         "platform": "escort",
         "backend": "escort",
         "max_batch_size": max_batch_size,
@@ -122,7 +117,7 @@ async def server_metadata() -> dict[str, Any]:
 @router.get("/models/stats")
 async def get_all_stats(request: Request) -> dict[str, Any]:
     state = get_state(request)
-    return {"model_stats": [await state.statistics(name, MODEL_VERSION) for name in state.models]}
+    return {"model_stats": [await state.statistics(desc) for desc in state.models.values()]}
 
 
 @router.get("/models/{model}")
@@ -130,17 +125,17 @@ async def get_all_stats(request: Request) -> dict[str, Any]:
 async def get_model_metadata(
     request: Request, model: str, version: str | None = None
 ) -> dict[str, Any]:
-    _check_version(model, version)
-    return model_metadata(get_state(request).describe(model))
+    state = get_state(request)
+    desc = state.describe(model, version)
+    return model_metadata(desc, [d.version for d in state.versions(desc.model_name)])
 
 
 @router.get("/models/{model}/ready")
 @router.get("/models/{model}/versions/{version}/ready")
 async def get_model_ready(request: Request, model: str, version: str | None = None) -> Response:
-    _check_version(model, version)
     state = get_state(request)
     with contextlib.suppress(NotReadyError):  # still loading: answer "not ready" below
-        state.describe(model)
+        state.describe(model, version)
     reason = state.not_ready_reason()
     if reason is None:
         return JSONResponse({"name": model, "ready": True})
@@ -150,27 +145,24 @@ async def get_model_ready(request: Request, model: str, version: str | None = No
 @router.get("/models/{model}/config")
 @router.get("/models/{model}/versions/{version}/config")
 async def get_model_config(request: Request, model: str, version: str | None = None):
-    _check_version(model, version)
     state = get_state(request)
     settings = state.settings
-    return model_config(state.describe(model), settings.max_batch_size, settings.max_batch_delay_ms)
+    desc = state.describe(model, version)
+    return model_config(desc, settings.max_batch_size, settings.max_batch_delay_ms)
 
 
 @router.get("/models/{model}/stats")
 @router.get("/models/{model}/versions/{version}/stats")
 async def get_model_stats(request: Request, model: str, version: str | None = None):
-    _check_version(model, version)
     state = get_state(request)
-    state.describe(model)
-    return {"model_stats": [await state.statistics(model, MODEL_VERSION)]}
+    return {"model_stats": [await state.statistics(state.describe(model, version))]}
 
 
 @router.post("/models/{model}/infer", dependencies=[Depends(require_api_key)])
 @router.post("/models/{model}/versions/{version}/infer", dependencies=[Depends(require_api_key)])
 async def infer(request: Request, model: str, version: str | None = None) -> Response:
-    _check_version(model, version)
     state = get_state(request)
-    desc = state.describe(model)
+    desc = state.describe(model, version)
     if media_type(request) not in _BODY_TYPES:
         raise UnsupportedMediaTypeError(
             f"Content-Type {media_type(request)!r} is not supported here; send "
@@ -193,9 +185,7 @@ async def infer(request: Request, model: str, version: str | None = None) -> Res
         work = state.classify_tensor(desc, backend, parsed.tensor, deadline)  # type: ignore[arg-type]
     probabilities = await unless_disconnected(request, work)
     encoding = time.perf_counter()
-    content, header_length = encode_infer_response(
-        desc.name, parsed, probabilities, desc.labels, backend
-    )
+    content, header_length = encode_infer_response(desc, parsed, probabilities, backend)
     state.observe_stage(desc.name, backend, "encode", time.perf_counter() - encoding)
     if header_length is None:
         return Response(content, media_type="application/json")

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
+from service.engine.protocol import ModelDescription
 from service.errors import BadInputError, BadTensorError, SchemaError
 
 IMAGE_INPUT = "image"
@@ -382,16 +383,12 @@ def encode_outputs(
 
 
 def encode_infer_response(
-    model_name: str,
-    request: InferRequest,
-    probabilities: np.ndarray,
-    labels: tuple[str, ...],
-    backend: str,
+    model: ModelDescription, request: InferRequest, probabilities: np.ndarray, backend: str
 ) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when binary outputs follow it."""
     outputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
-    for output in encode_outputs(request, probabilities, labels):
+    for output in encode_outputs(request, probabilities, model.labels):
         entry: dict[str, Any] = {"name": output.name, "datatype": output.datatype,
                                  "shape": output.shape}  # fmt: skip
         if output.binary:
@@ -400,7 +397,7 @@ def encode_infer_response(
         else:
             entry["data"] = output.json_data
         outputs.append(entry)
-    document: dict[str, Any] = {"model_name": model_name, "model_version": "1"}
+    document: dict[str, Any] = {"model_name": model.model_name, "model_version": model.version}
     if request.id is not None:
         document["id"] = request.id
     document["parameters"] = {"backend": backend}

@@ -56,6 +56,7 @@ class ModelSource:
     preprocessing: Preprocessing
     labels: tuple[str, ...]
     source: str = ""
+    version: int = 1
 
 
 def resolve_device(device: str) -> torch.device:
@@ -102,6 +103,7 @@ def load_source(name: str, models_dir: str | Path, progress: bool = False) -> Mo
     manifest = load_manifest(name, models_dir)
     module = load_pruned_model(manifest, progress=progress)
     return ModelSource(
+        version=manifest.version,
         name=manifest.name,
         architecture=manifest.architecture,
         module=module,
@@ -289,6 +291,7 @@ class TorchEngine(Engine):
                 card["cpu_reference"] = cost
         self._descriptions[source.name] = ModelDescription(
             name=source.name,
+            version=str(source.version),
             architecture=source.architecture,
             labels=source.labels,
             preprocessing=source.preprocessing,

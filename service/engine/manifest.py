@@ -7,6 +7,11 @@ of silently serving another model. torch is not imported here; torchvision is im
 when a manifest is loaded (to check the architecture name and read the ImageNet class names).
 
     name = "resnet50-uniform90"          # optional; when given it must equal the file name
+    version = 2                          # optional (default 1, or the file name's "@N")
+
+A file `<model>@<N>.toml` is version N of <model> (`resnet50-uniform90@2.toml`): the service
+keeps several versions of one model apart by their file names, and serves each under
+`/v2/models/<model>/versions/<N>/...`.
     architecture = "resnet50"            # torchvision builder name, or "efficientnet_lite0"
     description = "..."
     labels = "imagenet"                  # or a text file, one label per line
@@ -78,7 +83,7 @@ class PruningProfile:
 
 @dataclass(frozen=True)
 class Manifest:
-    name: str
+    name: str  # the file name without .toml: "<model>" or "<model>@<version>"
     architecture: str
     weights: WeightsSource
     pruning: PruningProfile
@@ -87,6 +92,7 @@ class Manifest:
     num_classes: int
     description: str
     source: Path
+    version: int = 1
 
     def weights_path(self) -> Path | None:
         """The checkpoint of a "file" source, resolved against the manifest's folder."""
@@ -188,6 +194,7 @@ def load_manifest(
 
 _TOP_KEYS = {
     "name",
+    "version",
     "architecture",
     "description",
     "labels",
@@ -204,6 +211,17 @@ def _parse(data: dict[str, Any], path: Path) -> Manifest:
     name = reader.get(data, "name", str, "a string", default=path.stem)
     if name != path.stem:
         reader.fail("name", f"must equal the file name {path.stem!r}, got {name!r}")
+    named_version = path.stem.partition("@")[2]
+    if named_version and not (named_version.isdigit() and int(named_version) >= 1):
+        reader.fail("name", f"a version after '@' must be a whole number >= 1: {path.stem!r}")
+    default_version = int(named_version) if named_version else 1
+    version = reader.get(data, "version", int, "a whole number >= 1", default=default_version)
+    if version < 1 or (named_version and version != int(named_version)):
+        reader.fail(
+            "version",
+            f"must be a whole number >= 1 matching the file name's '@N' "
+            f"({path.stem!r}), got {version}",
+        )
     architecture = reader.get(data, "architecture", str, "an architecture name")
     _check_architecture(reader, architecture)
     description = reader.get(data, "description", str, "a string", default="")
@@ -224,6 +242,7 @@ def _parse(data: dict[str, Any], path: Path) -> Manifest:
         num_classes=num_classes,
         description=description.strip(),
         source=path,
+        version=version,
     )
 
 

@@ -31,6 +31,7 @@ class NullEngine(Engine):
         manifest = load_manifest(name, settings.models_dir)
         desc = ModelDescription(
             name=manifest.name,
+            version=str(manifest.version),
             architecture=f"null ({manifest.architecture} not loaded)",
             labels=tuple(manifest.labels),
             preprocessing=manifest.preprocessing,

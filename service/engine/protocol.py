@@ -38,7 +38,7 @@ class Preprocessing:
 
 @dataclass(frozen=True)
 class ModelDescription:
-    name: str
+    name: str  # what the engine, the batchers and the metrics call it: the manifest's file name
     architecture: str
     labels: tuple[str, ...]
     preprocessing: Preprocessing
@@ -53,6 +53,12 @@ class ModelDescription:
     # True when the engine takes encoded JPEG photos as rows (1-D uint8) and decodes and
     # prepares them itself, batched on its device (ESCORT_IMAGE_DECODE=engine).
     decodes_images: bool = False
+    version: str = "1"  # of `model_name`; several versions may be served side by side
+
+    @property
+    def model_name(self) -> str:
+        """The name clients use: "resnet50-uniform90" for "resnet50-uniform90@2" too."""
+        return self.name.partition("@")[0]
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

@@ -35,7 +35,8 @@ def models_dir(tmp_path_factory) -> Path:
     # A manifest for the second fake model, so that the name is one the models folders hold
     # (the fake engine builds its own model from the name).
     folder = tmp_path_factory.mktemp("models")
-    shutil.copy(ROOT / "models" / "resnet50-uniform90.toml", folder / f"{OTHER}.toml")
+    for name in (OTHER, f"{FAKE_MODEL}@2"):
+        shutil.copy(ROOT / "models" / "resnet50-uniform90.toml", folder / f"{name}.toml")
     return folder
 
 
@@ -64,7 +65,9 @@ def _infer_status(server: ProcessServer, model: str) -> int:
 
 
 def _index(client) -> dict[str, str]:
-    return {row["name"]: row["state"] for row in client.get_model_repository_index(headers=auth())}
+    """Version 1 of each model in the index: its state."""
+    rows = client.get_model_repository_index(headers=auth())
+    return {row["name"]: row["state"] for row in rows if row["version"] == "1"}
 
 
 def test_load_serves_on_every_worker_and_unload_removes_it(server: ProcessServer) -> None:
@@ -89,7 +92,8 @@ def test_load_serves_on_every_worker_and_unload_removes_it(server: ProcessServer
 
 def test_the_grpc_twins(server: ProcessServer) -> None:
     with triton_grpc.InferenceServerClient(server.grpc_url) as client:
-        index = {m.name: m.state for m in client.get_model_repository_index(headers=auth()).models}
+        index = {m.name: m.state for m in client.get_model_repository_index(headers=auth()).models
+                 if m.version == "1"}  # fmt: skip
         assert index[FAKE_MODEL] == "READY"
         client.load_model(OTHER, headers=auth())
         tensor = triton_grpc.InferInput("input", [1, 3, 32, 32], "FP32")
@@ -180,3 +184,50 @@ def test_loading_a_model_keeps_the_others_serving(models_dir: Path) -> None:
         loader.join()
         assert len(answered) >= 3 and set(answered) == {200}
         assert _infer_status(loading, OTHER) == 200
+
+
+def _infer(server: ProcessServer, path: str) -> tuple[int, dict]:
+    with httpx.Client(base_url=server.url, timeout=30, headers=auth()) as http:
+        response = http.post(path, json=tensor_body(marked_tensor(0.8)))
+    return response.status_code, response.json()
+
+
+def _probabilities(body: dict) -> np.ndarray:
+    output = body["outputs"][0]
+    return np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
+
+
+def test_two_versions_answer_side_by_side(server: ProcessServer) -> None:
+    want_v1 = FakeEngine().reference(marked_tensor(0.8))
+    want_v2 = want_v1[:, ::-1]  # the fake's version 2 answers its classes reversed
+    with _rest(server) as rest:
+        rest.load_model(f"{FAKE_MODEL}@2", headers=auth())
+        try:
+            assert rest.get_model_metadata(FAKE_MODEL)["versions"] == ["1", "2"]
+            assert rest.is_model_ready(FAKE_MODEL, "1") and rest.is_model_ready(FAKE_MODEL, "2")
+            index = {(r["name"], r["version"]): r["state"]
+                     for r in rest.get_model_repository_index(headers=auth())}  # fmt: skip
+            assert index[(FAKE_MODEL, "1")] == index[(FAKE_MODEL, "2")] == "READY"
+            for path, want, version in (
+                (f"/v2/models/{FAKE_MODEL}/versions/1/infer", want_v1, "1"),
+                (f"/v2/models/{FAKE_MODEL}/versions/2/infer", want_v2, "2"),
+                (f"/v2/models/{FAKE_MODEL}/infer", want_v2, "2"),  # the latest
+            ):
+                code, body = _infer(server, path)
+                assert code == 200 and body["model_version"] == version
+                np.testing.assert_allclose(_probabilities(body), want, rtol=1e-6)
+            assert _infer(server, f"/v2/models/{FAKE_MODEL}/versions/3/infer")[0] == 404
+            with triton_grpc.InferenceServerClient(server.grpc_url) as client:
+                tensor = triton_grpc.InferInput("input", [1, 3, 32, 32], "FP32")
+                tensor.set_data_from_numpy(marked_tensor(0.8))
+                for version, want in (("1", want_v1), ("2", want_v2)):
+                    result = client.infer(FAKE_MODEL, [tensor], model_version=version,
+                                          headers=auth())  # fmt: skip
+                    assert result.get_response().model_version == version
+                    np.testing.assert_allclose(result.as_numpy("probabilities"), want, rtol=1e-6)
+        finally:
+            rest.unload_model(f"{FAKE_MODEL}@2", headers=auth())
+        code, body = _infer(server, f"/v2/models/{FAKE_MODEL}/infer")
+        assert code == 200 and body["model_version"] == "1"
+        assert _infer(server, f"/v2/models/{FAKE_MODEL}/versions/2/infer")[0] == 404
+        assert rest.get_model_metadata(FAKE_MODEL)["versions"] == ["1"]

@@ -344,3 +344,23 @@ def test_an_unknown_name_lists_the_manifests_there_are(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match=r"no such manifest file .*: .*tiny.*\)") as info:
         load_manifest("huge", tmp_path)
     assert str(tmp_path / "huge.toml") in str(info.value)
+
+
+def test_a_version_comes_from_the_file_name_or_the_key(tmp_path: Path) -> None:
+    assert load_manifest(write(tmp_path, GOOD)).version == 1
+    assert load_manifest(write(tmp_path, GOOD, name="tiny@2")).version == 2
+    assert load_manifest(write(tmp_path, GOOD, name="tiny@2")).name == "tiny@2"
+    assert load_manifest(write(tmp_path, "version = 3\n" + GOOD)).version == 3
+    assert load_manifest(write(tmp_path, "version = 2\n" + GOOD, name="tiny@2")).version == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "head", "key"),
+    [("tiny@2", "version = 3\n", "version"), ("tiny@x", "", "name"),
+     ("tiny@0", "", "name"), ("tiny", "version = 0\n", "version"),
+     ("tiny", 'version = "2"\n', "version")],
+)  # fmt: skip
+def test_a_bad_version_names_the_key(tmp_path: Path, name: str, head: str, key: str) -> None:
+    with pytest.raises(ManifestError) as info:
+        load_manifest(write(tmp_path, head + GOOD, name=name))
+    assert info.value.key == key

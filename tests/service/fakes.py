@@ -16,7 +16,8 @@ from service.engine.protocol import Engine, ModelDescription, Preprocessing
 
 FAKE_MODEL = "fake-net"
 # What the fake engine's load_model accepts (the repository API's tests load and unload them).
-FAKE_LOADABLE = (FAKE_MODEL, "fake-net-b")
+# "fake-net@2", version 2 of fake-net, answers the classes in reverse order (to tell it apart).
+FAKE_LOADABLE = (FAKE_MODEL, "fake-net-b", f"{FAKE_MODEL}@2")
 FAKE_LABELS = tuple(f"class-{i}" for i in range(10))
 FAKE_PREPROCESSING = Preprocessing(resize=40, crop=32, mean=(127.0, 127.0, 127.0), std=(128.0,) * 3)
 
@@ -50,6 +51,7 @@ class FakeEngine(Engine):
     def _description(self, name: str) -> ModelDescription:
         return ModelDescription(
             name=name,
+            version=name.partition("@")[2] or "1",
             architecture="fake",
             labels=FAKE_LABELS,
             preprocessing=FAKE_PREPROCESSING,
@@ -92,6 +94,8 @@ class FakeEngine(Engine):
         if self.fail:
             raise RuntimeError("simulated device fault")
         out = self.reference(batch)
+        if model.endswith("@2"):
+            out = np.ascontiguousarray(out[:, ::-1])
         return out[:-1] if self.wrong_count else out
 
     def close(self) -> None:

@@ -40,6 +40,7 @@ from service.engine.protocol import (
     StageObserver,
 )
 from service.engine.runner import Launched, Runner, batch_buckets
+from service.engine.tracing import GUARD
 
 log = logging.getLogger(__name__)
 
@@ -317,21 +318,28 @@ class TorchEngine(Engine):
             raise UnknownBackendError(model, backend, runners)
         return runners[backend]
 
+    # Each call that may run modules does so under GUARD.running(): a model being loaded
+    # beside them traces under GUARD.tracing() (see service/engine/tracing.py).
+
     def warmup(self, model: str, backend: str) -> None:
-        self.runner(model, backend).warm_this_thread()
+        with GUARD.running():
+            self.runner(model, backend).warm_this_thread()
 
     def infer(self, model: str, backend: str, batch: np.ndarray) -> np.ndarray:
-        return self.runner(model, backend).infer(batch)
+        with GUARD.running():
+            return self.runner(model, backend).infer(batch)
 
     def infer_rows(self, model: str, backend: str, rows: Sequence[np.ndarray]) -> np.ndarray:
-        return self.runner(model, backend).infer_rows(rows)
+        with GUARD.running():
+            return self.runner(model, backend).infer_rows(rows)
 
     @property
     def pipelined(self) -> bool:  # type: ignore[override]
         return self.device.type == "cuda"
 
     def launch_rows(self, model: str, backend: str, rows: Sequence[np.ndarray]) -> Launched:
-        return self.runner(model, backend).launch_rows(rows)
+        with GUARD.running():
+            return self.runner(model, backend).launch_rows(rows)
 
     def collect(self, model: str, backend: str, launched: Launched) -> np.ndarray:
         return self.runner(model, backend).collect(launched)

@@ -16,6 +16,8 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import prune
 
+from service.engine.tracing import GUARD
+
 log = logging.getLogger(__name__)
 
 
@@ -51,7 +53,8 @@ def trace(model: nn.Module) -> torch.fx.GraphModule | None:
     control flow), in which case the caller falls back to module swapping. The GraphModule
     shares the model's submodules: copy the model first if it must stay as it is."""
     try:
-        return torch.fx.symbolic_trace(model)
+        with GUARD.tracing():  # fx patches every module's __call__ while it traces
+            return torch.fx.symbolic_trace(model)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, NotImplementedError)
         log.warning(
             "torch.fx could not trace %s (%s); convs run unfused", type(model).__name__, exc

@@ -2,9 +2,10 @@
 # gRPC beside REST on one server, on the GPU (issue 12): bash bench/grpc_speed.sh
 # A null-engine server (its gRPC rate is the generator's ceiling) and the real one; gRPC steps
 # by loadtest.grpc_load, REST steps by loadtest.run with wrk (its own ceilings), then the
-# comparison table. Carry .gpu-wheels (or a smaller set in WHEELS=..., which must still hold
-# Locust's and gevent's wheels: loadtest.run imports them) and .gpu-debs. Everything lands in
-# $OUT/results-$RUN_NAME.tgz.
+# comparison table. Carry .gpu-wheels, or where it no longer fits the 64 MiB carry beside the
+# tree, a smaller set named by WHEELS (for example .gpu-wheels without the efficientnet wheel,
+# which resnet50 does not need; it must keep Locust's and gevent's: loadtest.run imports them),
+# and .gpu-debs. Everything lands in $OUT/results-$RUN_NAME.tgz.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 RUN_NAME=${RUN_NAME:-grpc}

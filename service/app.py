@@ -57,16 +57,12 @@ def engine_spec(settings: Settings) -> EngineSpec:
 async def _prepare(state: ServiceState, dispatcher: Dispatcher) -> None:
     """Start the dispatcher (load and warm the engine, or wait for the engine core), then
     flip readiness."""
-    metrics = state.metrics
     try:
         started = time.monotonic()
         state.dispatcher = dispatcher
         dispatcher.on_models = state.set_models  # loads and unloads, from whichever worker
         models = await dispatcher.start()
-        for name, desc in models.items():
-            metrics.prepare_model(name, desc.backends, desc.layer_sparsity)
-            metrics.model_ready.labels(name).set(1)
-        state.models = dict(models)
+        state.set_models(models)
         state.ready = True
         log.info(
             "ready: %s in %.1f s",

@@ -93,11 +93,13 @@ class Dispatcher(ABC):
     # afterwards; `on_models` hears of every change, whichever process asked for it.
     on_models: Callable[[dict[str, ModelDescription]], None] | None = None
 
+    @abstractmethod
     async def load(self, name: str) -> dict[str, ModelDescription]:
-        raise BadInputError("this server cannot load models at run time")
+        """Load a model (a manifest name) beside the served ones."""
 
+    @abstractmethod
     async def unload(self, name: str) -> dict[str, ModelDescription]:
-        raise BadInputError("this server cannot unload models at run time")
+        """Stop serving a model once its queued requests are done."""
 
 
 def default_engine_factory(settings: Settings, metrics: ServiceMetrics) -> Engine:
@@ -135,7 +137,7 @@ class LocalDispatcher(Dispatcher):
         self.batchers: dict[tuple[str, str], BatchQueue] = {}
         self.models: dict[str, ModelDescription] = {}
         self._memory_task: asyncio.Task[None] | None = None
-        self._repository = asyncio.Lock()  # one load or unload at a time
+        self._repository_lock = asyncio.Lock()  # one load or unload at a time
         # Checked before a model loads: can every HTTP worker's slots hold its rows? (The
         # engine process sets it from the arenas the workers announced.)
         self.check_fits: Callable[[ModelDescription], None] | None = None
@@ -198,7 +200,7 @@ class LocalDispatcher(Dispatcher):
     async def load(self, name: str) -> dict[str, ModelDescription]:
         """Load a model (a manifest name) beside the served ones; loaded already: no-op. The
         build runs in a thread of its own, so the served models' batches go on meanwhile."""
-        async with self._repository:
+        async with self._repository_lock:
             if name in self.models:
                 return dict(self.models)
             assert self.engine is not None
@@ -228,7 +230,7 @@ class LocalDispatcher(Dispatcher):
     async def unload(self, name: str) -> dict[str, ModelDescription]:
         """Stop admitting the model's requests, let its queued and running batches finish
         (at most ESCORT_DRAIN_TIMEOUT_S), then release it."""
-        async with self._repository:
+        async with self._repository_lock:
             if name not in self.models:
                 served = ", ".join(self.models) or "none"
                 raise ModelNotFoundError(f"model {name!r} is not loaded; loaded: {served}")

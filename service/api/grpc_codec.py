@@ -24,10 +24,9 @@ from service.api.v2_codec import (
     V2Tensor,
     encode_bytes_elements,
     encode_outputs,
-    parse_image_input,
-    parse_tensor_input,
     request_parameter,
     requested_outputs,
+    set_input,
 )
 from service.engine.protocol import ModelDescription
 from service.errors import BadTensorError, SchemaError
@@ -92,10 +91,7 @@ def parse_grpc_infer_request(
         timeout_s=(timeout_us / 1e6) if timeout_us else None,
         outputs=requested_outputs(outputs or None, binary_default=True),
     )
-    if tensor.name == IMAGE_INPUT:
-        result.images = parse_image_input(tensor, raw)
-    else:
-        result.tensor = parse_tensor_input(tensor, raw, chw)
+    set_input(result, tensor, raw, chw)
     return result
 
 

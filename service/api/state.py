@@ -129,7 +129,7 @@ class ServiceState:
         self.models = dict(models)
         self.expected_models = tuple(models)  # an unloaded model is unknown, not loading
 
-    def _repository(self, name: str | None = None) -> Dispatcher:
+    def _repository_dispatcher(self, name: str | None = None) -> Dispatcher:
         if not self.settings.repository_api:
             raise ForbiddenError(
                 "the model repository API is off; set ESCORT_REPOSITORY_API=true to load and "
@@ -149,7 +149,7 @@ class ServiceState:
     async def load_model(self, name: str) -> None:
         """Load a manifest from the models folders (ESCORT_MODELS_DIR, then the shipped ones)
         beside the served models; loaded already: nothing to do."""
-        dispatcher = self._repository(name)
+        dispatcher = self._repository_dispatcher(name)
         available = list_manifests(self.settings.models_dir)
         if name not in available and name not in self.models:
             raise ModelNotFoundError(
@@ -161,7 +161,7 @@ class ServiceState:
     async def unload_model(self, name: str) -> None:
         """Stop serving a model (every version of it, or the one its "@N" names): new requests
         get 404 at once, its queued ones finish first."""
-        dispatcher = self._repository(name)
+        dispatcher = self._repository_dispatcher(name)
         keys = [name] if name in self.models else [d.name for d in self.versions(name)]
         if not keys:
             served = ", ".join(sorted(self.models)) or "none"
@@ -171,7 +171,7 @@ class ServiceState:
 
     def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
         """Triton's index: the served models READY, the other manifests UNAVAILABLE."""
-        self._repository()
+        self._repository_dispatcher()
         rows = [
             {"name": d.model_name, "version": d.version, "state": "READY"}
             for d in sorted(self.models.values(), key=lambda d: (d.model_name, d.version))

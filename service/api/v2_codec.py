@@ -325,12 +325,18 @@ def parse_infer_request(
         timeout_s=(timeout_us / 1e6) if timeout_us else None,
         outputs=requested_outputs(request.outputs, binary_output),
     )
-    tensor, raw = request.inputs[0], raws[0]
-    if tensor.name == IMAGE_INPUT:
-        result.images = parse_image_input(tensor, raw)
-    else:
-        result.tensor = parse_tensor_input(tensor, raw, chw)
+    set_input(result, request.inputs[0], raws[0], chw)
     return result
+
+
+def set_input(
+    request: InferRequest, tensor: V2Tensor, raw: bytes | None, chw: tuple[int, int, int]
+) -> None:
+    """The request's one input, parsed into `images` or `tensor` (REST and gRPC alike)."""
+    if tensor.name == IMAGE_INPUT:
+        request.images = parse_image_input(tensor, raw)
+    else:
+        request.tensor = parse_tensor_input(tensor, raw, chw)
 
 
 def classification_strings(

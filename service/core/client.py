@@ -144,12 +144,12 @@ class RemoteDispatcher(Dispatcher):
             return await call.future
 
     async def load(self, name: str) -> dict[str, ModelDescription]:
-        return await self._repository("load", name)
+        return await self._repository_call("load", name)
 
     async def unload(self, name: str) -> dict[str, ModelDescription]:
-        return await self._repository("unload", name)
+        return await self._repository_call("unload", name)
 
-    async def _repository(self, kind: str, name: str) -> dict[str, ModelDescription]:
+    async def _repository_call(self, kind: str, name: str) -> dict[str, ModelDescription]:
         if not self._alive or self._loop is None:
             raise UnavailableError("the engine process is not running", 1)
         request_id = next(self._ids)

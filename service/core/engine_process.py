@@ -98,7 +98,7 @@ class _WorkerLink:
             asyncio.get_running_loop().create_task(self._totals(request_id, model))
         elif kind in ("load", "unload"):
             _, request_id, model = message
-            asyncio.get_running_loop().create_task(self._repository(kind, request_id, model))
+            asyncio.get_running_loop().create_task(self._repository_change(kind, request_id, model))
         elif kind == "hello":
             _, name, slots, in_bytes, out_bytes = message
             self.arena = SlotArena.attach(name, slots, in_bytes, out_bytes)
@@ -155,7 +155,7 @@ class _WorkerLink:
     async def _totals(self, request_id: int, model: str) -> None:
         self.send(("totals", request_id, await self.dispatcher.totals(model)))
 
-    async def _repository(self, kind: str, request_id: int, model: str) -> None:
+    async def _repository_change(self, kind: str, request_id: int, model: str) -> None:
         """A load or unload this worker asked for. Every worker (this one first, on this same
         pipe) hears of the new set of models through the dispatcher's `on_models` before this
         answer, so the asking worker already serves it when it answers its client."""

@@ -54,12 +54,7 @@ def bind_worker_listeners(host: str, port: int, count: int) -> list[socket.socke
     silently. With port 0 the kernel picks one port, and every socket takes that port."""
     if sys.platform != "linux":
         raise OSError("ESCORT_LISTENER=per-worker needs Linux (SO_REUSEPORT balancing)")
-    probe = _new_socket(host)
-    try:
-        _bind(probe, host, port)
-        port = probe.getsockname()[1]
-    finally:
-        probe.close()
+    port = probe_port(host, port, "ESCORT_PORT")
     sockets: list[socket.socket] = []
     try:
         for _ in range(count):
@@ -75,12 +70,14 @@ def bind_worker_listeners(host: str, port: int, count: int) -> list[socket.socke
     return sockets
 
 
-def probe_port(host: str, port: int, setting: str) -> None:
-    """Fail now, with the setting to change, when host:port is taken: every worker binds it
-    itself later (gRPC with SO_REUSEPORT), where a clash would be a worker's crash."""
+def probe_port(host: str, port: int, setting: str) -> int:
+    """Fail now, with the setting to change, when host:port is taken (by any socket, with
+    SO_REUSEPORT or not): the workers bind it themselves later, where a clash would be a
+    worker's crash or a silent share. The port bound (the kernel's pick for port 0)."""
     probe = _new_socket(host)
     try:
         probe.bind((host, port))
+        return probe.getsockname()[1]
     except OSError as exc:
         raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}; set {setting}") from None
     finally:

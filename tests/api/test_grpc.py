@@ -70,6 +70,20 @@ def image_input(*images: bytes) -> triton_grpc.InferInput:
     return tensor
 
 
+def infer_in_background(url: str, mark: float, results: dict, key: str) -> threading.Thread:
+    """A started thread that sends one gRPC infer and keeps its probabilities in results[key]."""
+
+    def send() -> None:
+        with triton_grpc.InferenceServerClient(url) as grpc_client:
+            results[key] = grpc_client.infer(
+                FAKE_MODEL, [tensor_input(marked_tensor(mark))]
+            ).as_numpy("probabilities")
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    return thread
+
+
 def status_of(call, *args, **kwargs) -> str:
     with pytest.raises(InferenceServerException) as info:
         call(*args, **kwargs)
@@ -192,15 +206,7 @@ def test_grpc_and_rest_share_a_batch_and_the_metrics(server: ProcessServer) -> N
         with httpx.Client(base_url=alone.url, timeout=30) as http:
             before = http.get("/metrics").text
         results: dict[str, np.ndarray] = {}
-
-        def over_grpc() -> None:
-            with triton_grpc.InferenceServerClient(alone.grpc_url) as grpc_client:
-                results["grpc"] = grpc_client.infer(
-                    FAKE_MODEL, [tensor_input(marked_tensor(0.4))]
-                ).as_numpy("probabilities")
-
-        thread = threading.Thread(target=over_grpc)
-        thread.start()
+        thread = infer_in_background(alone.grpc_url, 0.4, results, "grpc")
         time.sleep(0.1)  # inside the first request's 400 ms batch window
         with triton_http.InferenceServerClient(alone.url.removeprefix("http://")) as rest:
             tensor = triton_http.InferInput("input", [1, 3, 32, 32], "FP32")
@@ -245,16 +251,8 @@ def test_sigterm_finishes_grpc_work_in_flight_and_refuses_new_work() -> None:
     env = {"ESCORT_MODELS": FAKE_MODEL, "ESCORT_WORKERS": "1", "FAKE_DELAY_S": "0.6",
            "ESCORT_MAX_BATCH_SIZE": "1"}  # fmt: skip
     with ProcessServer("tests.service.fake_server", env) as draining:
-        results: dict[str, object] = {}
-
-        def first() -> None:
-            with triton_grpc.InferenceServerClient(draining.grpc_url) as grpc_client:
-                results["first"] = grpc_client.infer(
-                    FAKE_MODEL, [tensor_input(marked_tensor(0.2))]
-                ).as_numpy("probabilities")
-
-        thread = threading.Thread(target=first)
-        thread.start()
+        results: dict[str, np.ndarray] = {}
+        thread = infer_in_background(draining.grpc_url, 0.2, results, "first")
         time.sleep(0.3)
         draining.terminate()
         time.sleep(0.1)

@@ -34,6 +34,16 @@ def total(text: str, name: str, **labels: str) -> float:
     return found
 
 
+def per_worker(text: str, name: str) -> dict[str, float]:
+    """One sample per HTTP worker (label worker: its pid) -> its value."""
+    return {
+        sample.labels["worker"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    }
+
+
 @pytest.fixture(scope="module")
 def server():
     env = {
@@ -113,12 +123,7 @@ def test_each_worker_reports_its_connections_and_cpu(server: ProcessServer) -> N
     finally:
         for http in clients:
             http.close()
-    pids = {
-        sample.labels["worker"]
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "escort_worker_connections"
-    }
+    pids = set(per_worker(text, "escort_worker_connections"))
     assert len(pids) == WORKERS  # one series per worker, none from the engine process
     # The five clients (and the scrape) hold connections somewhere among the workers.
     assert total(text, "escort_worker_connections") >= 5
@@ -143,12 +148,7 @@ def test_connections_spread_over_every_worker(server: ProcessServer) -> None:
     finally:
         for client in clients:
             client.close()
-    held = {
-        sample.labels["worker"]: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "escort_worker_connections"
-    }
+    held = per_worker(text, "escort_worker_connections")
     assert len(held) == WORKERS and sum(held.values()) >= 48
     assert min(held.values()) >= 1, held
     if os.path.exists("/proc/net/tcp"):

@@ -3,7 +3,8 @@
 #   bash bench/service_speed.sh [fp32|fp16] [tensor|image]
 # offline engine at batch 32, offline per-layer times, then a null-engine server and the real
 # server side by side, and the wrk load test (sink and null-engine ceilings, compare mode).
-# Carry .gpu-wheels and .gpu-debs. Everything lands in $OUT/results-$RUN_NAME.tgz.
+# Carry .gpu-wheels (or the smaller set WHEELS names) and .gpu-debs. Everything lands in
+# $OUT/results-$RUN_NAME.tgz.
 set -uo pipefail
 PRECISION=${1:-fp32}
 V2_INPUT=${2:-tensor}
@@ -12,7 +13,7 @@ RUN_NAME=${RUN_NAME:-r}  # several runs in one device call: a name each
 R=$OUT/$RUN_NAME
 mkdir -p "$R"
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu-wheels/*.whl \
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site ${WHEELS:-.gpu-wheels}/*.whl \
   >"$R/pip.log" 2>&1 || { tail "$R/pip.log"; exit 1; }
 export PYTHONPATH=/tmp/site:.
 bash loadtest/unpack_debs.sh /tmp/debs >/dev/null

@@ -201,6 +201,30 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(
         1, ge=0, description="Retry-After seconds sent with 503 answers on overload."
     )
+    max_header_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description="Largest request line plus headers accepted; beyond it the client gets 431 "
+        "and the connection closes.",
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Longest a client may take to send a request's line and headers, counted "
+        "from its first byte; beyond it the client gets 408 and the connection closes.",
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="An idle keep-alive connection (no request begun) is closed after this.",
+    )
+    max_connections: int = Field(
+        4096,
+        ge=1,
+        description="Most open client connections across the HTTP workers (each worker takes "
+        "its share); beyond it new connections get 503 with Retry-After and are closed.",
+    )
 
     @field_validator("models", "backends", mode="before")
     @classmethod

@@ -88,6 +88,7 @@ def test_serve_hands_uvicorn_the_log_config(monkeypatch: pytest.MonkeyPatch) -> 
     import uvicorn
 
     import service.app
+    import service.core.http_server
 
     given: dict = {}
 
@@ -98,9 +99,9 @@ def test_serve_hands_uvicorn_the_log_config(monkeypatch: pytest.MonkeyPatch) -> 
         given["log_config"] = config.log_config
         raise Stop
 
-    monkeypatch.setattr(service.app, "DrainingServer", fake_server)
+    monkeypatch.setattr(service.core.http_server, "DrainingServer", fake_server)
     with pytest.raises(Stop):
-        service.app.serve(object(), service.app.load_settings(log_level="error"))  # type: ignore[arg-type]
+        service.core.http_server.serve(object(), service.app.load_settings(log_level="error"))  # type: ignore[arg-type]
     assert given["log_config"]["root"]["level"] == "ERROR"
     assert set(given["log_config"]["loggers"]) >= {"uvicorn", "uvicorn.access"}
 

@@ -10,9 +10,10 @@ import sys
 from multiprocessing.connection import Connection
 
 from service import logs
-from service.app import create_app, serve
+from service.app import create_app
 from service.config import Settings
 from service.core.client import RemoteDispatcher
+from service.core.http_server import serve
 from service.dispatch import Dispatcher
 from service.metrics import ServiceMetrics
 

@@ -19,8 +19,9 @@ import httpx
 import uvicorn
 from fastapi.testclient import TestClient
 
-from service.app import DrainingServer, create_app
+from service.app import create_app
 from service.config import Settings
+from service.core.http_server import DrainingServer
 from service.engine.protocol import Engine
 from tests.service.fakes import FAKE_MODEL
 

@@ -95,8 +95,9 @@ async def _refresh_process_metrics(metrics: ServiceMetrics) -> None:
 
 async def _shutdown(state: ServiceState) -> None:
     state.begin_drain()
-    drain_s = state.settings.drain_timeout_s
-    if not await state.wait_quiet(drain_s):
+    # What is left of the one budget: the HTTP server's drain (DrainingServer) has usually
+    # spent it already; gRPC calls still running then are cut by its server's stop below.
+    if not await state.wait_quiet(state.drain_left_s()):
         log.warning("drain timeout: %d requests still in flight", state.inflight)
     for name in state.models:
         state.metrics.model_ready.labels(name).set(0)

@@ -21,9 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from service.admission import Backlog, overloaded
 from service.errors import (
     DeadlineExceededError,
     EngineFailureError,
+    OverloadedError,
     QueueFullError,
     ServiceError,
     ShuttingDownError,
@@ -45,6 +47,9 @@ PIPELINE_DEPTH = 2  # batches in flight at once: one on the device, the next one
 # launch and its copies overlap the replay instead of leaving the device idle between batches.
 LOOKAHEAD_S = 0.002
 COMPUTE_EMA = 0.2  # weight of the newest batch in that running mean
+# A row is computed only if its batch, at the mean batch time plus this fraction, ends before
+# the row's deadline: the mean is a mean, and the answer still has to travel back.
+FINISH_SLACK = 0.25
 
 
 @dataclass
@@ -68,10 +73,11 @@ class Timeline:
 
 @dataclass(eq=False)
 class _Pending:
-    row: np.ndarray
+    row: np.ndarray | None
     future: asyncio.Future[np.ndarray]
     deadline: float
     enqueued_at: float = field(default_factory=time.monotonic)
+    queued: bool = True  # still in the queue and still wanted (see BatchQueue._abandon)
     taken_at: float = 0.0
     began_at: float = 0.0
     finished_at: float = 0.0
@@ -113,6 +119,11 @@ class BatchQueue:
         self._depth = metrics.queue_depth.labels(model)
         self._waited = metrics.queue_duration.labels(model)
         self._items: deque[_Pending] = deque()
+        # Rows in `_items` still wanted. Rows whose caller left (a disconnect, its deadline)
+        # stop counting at once, so they never hold room a live request needs; they are
+        # skipped when reached, or swept out when they are many (see _abandon).
+        self._live = 0
+        self._dead = 0
         self._arrived = asyncio.Event()
         self._filled = asyncio.Event()
         self._idle = asyncio.Event()
@@ -132,8 +143,17 @@ class BatchQueue:
 
     @property
     def depth(self) -> int:
-        """Images waiting, not counting a batch being computed."""
-        return len(self._items)
+        """Images waiting, not counting a batch being computed nor rows nobody waits for."""
+        return self._live
+
+    def backlog(self) -> Backlog:
+        """When what is queued now should be computed, from the measured batch time (before
+        any batch ran: nothing to wait for)."""
+        now = time.monotonic()
+        batch_s = self._mean_compute_s or 0.0
+        ahead = max(now, self._expected_done) if self._busy() else now
+        return Backlog(ahead + self._live / self.max_batch_size * batch_s, batch_s,
+                       self.max_batch_size)  # fmt: skip
 
     async def in_engine_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(*args)` in the thread that runs this queue's batches (engine warm-up)."""
@@ -156,44 +176,50 @@ class BatchQueue:
         if self._closed:
             raise ShuttingDownError("the server is shutting down", self._retry_after_s)
         rows = len(batch)
-        if len(self._items) + rows > self.max_queue_size:
+        if self._live + rows > self.max_queue_size:
             self._metrics.rejected.labels(self.model, "queue_full").inc()
             raise QueueFullError(
-                f"model {self.model!r} ({self.backend}) has {len(self._items)} images queued "
+                f"model {self.model!r} ({self.backend}) has {self._live} images queued "
                 f"and holds at most {self.max_queue_size}; retry later",
                 self._retry_after_s,
             )
-        loop = asyncio.get_running_loop()
         now = time.monotonic()
+        self.admit(rows, deadline, now)
+        loop = asyncio.get_running_loop()
         pending = [_Pending(row, loop.create_future(), deadline, now) for row in batch]
         self._items.extend(pending)
+        self._live += rows
         self._depth.inc(rows)
         self._idle.clear()
         self._arrived.set()
-        if len(self._items) >= self.max_batch_size:
+        if self._live >= self.max_batch_size:
             self._filled.set()
         futures = [item.future for item in pending]
         try:
             async with asyncio.timeout_at(_loop_time(loop, deadline)):
                 results = await asyncio.gather(*futures)
         except TimeoutError:
-            self._abandon(futures)
+            self._abandon(pending)
             self._metrics.rejected.labels(self.model, "deadline").inc()
             raise DeadlineExceededError(
                 "the request's deadline passed before it was computed; retry, raise the V2 "
                 "`timeout` parameter or ESCORT_REQUEST_TIMEOUT_S"
             ) from None
         except DeadlineExceededError:
-            self._abandon(futures)
+            self._abandon(pending)
             self._metrics.rejected.labels(self.model, "deadline").inc()
+            raise
+        except OverloadedError:  # shed when reached: it could not be back before its deadline
+            self._abandon(pending)
+            self._metrics.rejected.labels(self.model, "overloaded").inc()
             raise
         except asyncio.CancelledError:
             # The caller went away (client disconnect): its queued rows must not be computed.
-            self._abandon(futures)
+            self._abandon(pending)
             self._metrics.rejected.labels(self.model, "client_disconnected").inc()
             raise
         except BaseException:
-            self._abandon(futures)
+            self._abandon(pending)
             raise
         if timeline is not None:
             timeline.enqueued = now
@@ -202,44 +228,89 @@ class BatchQueue:
             timeline.finished = max(item.finished_at for item in pending)
         return np.stack(results)
 
-    @staticmethod
-    def _abandon(futures: list[asyncio.Future[np.ndarray]]) -> None:
-        for future in futures:
-            if not future.done():
-                future.cancel()
-            elif not future.cancelled():
-                future.exception()  # mark retrieved so asyncio does not log it
+    def admit(self, rows: int, deadline: float, now: float) -> None:
+        """Refuse `rows` (OverloadedError, 429) when the queue ahead of them would take them past
+        `deadline`: computing them would only waste a batch on an answer nobody reads."""
+        backlog = self.backlog()
+        if not backlog.admits(rows, deadline, now):
+            self._metrics.rejected.labels(self.model, "overloaded").inc()
+            raise overloaded(self.model, self.backend, backlog, rows, deadline, self._retry_after_s)
+
+    def _abandon(self, pending: list[_Pending]) -> None:
+        """The caller stopped waiting: its queued rows stop counting now (the queue's room,
+        the depth gauge) and let go of their pixels; the batcher skips them when reached."""
+        for item in pending:
+            if item.queued:
+                item.queued = False
+                item.row = None
+                self._live -= 1
+                self._dead += 1
+                self._depth.dec()
+            if not item.future.done():
+                item.future.cancel()
+            elif not item.future.cancelled():
+                item.future.exception()  # mark retrieved so asyncio does not log it
+        self._drop_dead_head()
+        if self._dead > 64 and self._dead > self._live:  # sweep: a deque has no cheap remove
+            self._items = deque(item for item in self._items if item.queued)
+            self._dead = 0
+        if not self._live and not self._busy():
+            self._idle.set()
+
+    def _drop_dead_head(self) -> None:
+        while self._items and not self._items[0].queued:
+            self._items.popleft()
+            self._dead -= 1
 
     def _take_batch(self) -> list[_Pending]:
         batch: list[_Pending] = []
         now = time.monotonic()
+        # A row that cannot be back before its deadline is not computed: its batch time would
+        # be spent on an answer nobody reads. Its deadline has not passed yet, so it is shed
+        # as overload (429, retry), like a request refused at admission.
+        begins = max(now, self._expected_done) if self._busy() else now
+        batch_s = self._mean_compute_s or 0.0
+        finish = begins + batch_s * (1.0 + FINISH_SLACK)
         while self._items and len(batch) < self.max_batch_size:
             item = self._items.popleft()
+            if not item.queued:  # abandoned: already uncounted
+                self._dead -= 1
+                continue
+            item.queued = False
+            self._live -= 1
             self._depth.dec()
-            if item.future.done():  # cancelled: the caller stopped waiting
+            if item.future.done():
                 continue
             if item.deadline <= now:
                 item.future.set_exception(
                     DeadlineExceededError("the request's deadline passed while it was queued")
                 )
                 continue
+            if item.deadline <= finish:
+                backlog = Backlog(begins, batch_s, self.max_batch_size)
+                item.future.set_exception(
+                    overloaded(self.model, self.backend, backlog, 1, item.deadline,
+                               self._retry_after_s)
+                )  # fmt: skip
+                continue
             item.taken_at = now
             self._waited.observe(now - item.enqueued_at)
             self.queue_ns += int((now - item.enqueued_at) * 1e9)
             batch.append(item)
+        self._drop_dead_head()  # so that the head's age is a live row's
         return batch
 
     async def _wait_to_fill(self) -> None:
         while not self._items:
             self._arrived.clear()
             await self._arrived.wait()
-        if len(self._items) >= self.max_batch_size or self._delay_s <= 0:
+        if self._live >= self.max_batch_size or self._delay_s <= 0:
             return
         remaining = self._items[0].enqueued_at + self._delay_s - time.monotonic()
         if remaining <= 0:
             return
         self._filled.clear()
-        if len(self._items) >= self.max_batch_size:
+        if self._live >= self.max_batch_size:
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(remaining):
@@ -250,7 +321,7 @@ class BatchQueue:
         batch starts at once and any other LOOKAHEAD_S before the one in flight should finish,
         so that its launch and copies overlap that batch's replay; otherwise wait for the
         device to finish, then the usual rule (full, or the oldest waited the delay)."""
-        while self._busy() and len(self._items) < self.max_batch_size:
+        while self._busy() and self._live < self.max_batch_size:
             ahead = self._launch_ahead_at()
             if self._items and ahead is not None and ahead <= time.monotonic():
                 return  # the device frees up within the lookahead: launch what is queued
@@ -389,7 +460,10 @@ class BatchQueue:
         error = ShuttingDownError("the server shut down before this request ran", 0)
         while self._items:
             item = self._items.popleft()
-            self._depth.dec()
+            if item.queued:
+                item.queued = False
+                self._live -= 1
+                self._depth.dec()
             if not item.future.done():
                 item.future.set_exception(error)
         self._worker.shutdown(wait=False, cancel_futures=True)

@@ -152,7 +152,7 @@ class Settings(BaseSettings):
         "(a manifest there may add a model or replace a shipped one of the same name).",
     )
     cache_dir: str = Field(
-        ".escort-cache", description="Folder for prepared weights and auto-tuning decisions."
+        ".escort-cache", description="Folder for the auto-tuning decisions (autotune.json)."
     )
     cuda_graphs: bool = Field(True, description="Replay batches through CUDA graphs on the GPU.")
     preprocess_workers: int = Field(

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.admission import Backlog
 from service.batching import BatchQueue, Timeline
 from service.config import Settings
 from service.engine.errors import UnknownModelError
@@ -80,6 +81,11 @@ class Dispatcher(ABC):
     def row_capacity(self) -> int | None:
         """The most bytes one row may take on its way to the engine (None: no limit)."""
         return None
+
+    def admit(self, model: str, backend: str, rows: int, deadline: float) -> None:  # noqa: B027
+        """Refuse (OverloadedError, 429, reason "overloaded") `rows` that the model's queue would
+        compute only after `deadline`, before the caller spends anything on them (decoding
+        their images, copying them over). The default admits everything."""
 
     @abstractmethod
     async def totals(self, model: str) -> BatchTotals:
@@ -259,6 +265,16 @@ class LocalDispatcher(Dispatcher):
         if batcher is None:  # unloaded since the request was admitted
             raise ModelNotFoundError(f"model {model!r} is not loaded")
         return await batcher.submit(rows, deadline, timeline)
+
+    def admit(self, model: str, backend: str, rows: int, deadline: float) -> None:
+        batcher = self.batchers.get((model, backend))
+        if batcher is not None:
+            batcher.admit(rows, deadline, time.monotonic())
+
+    def backlog(self, model: str, backend: str) -> Backlog | None:
+        """The batcher's backlog, for the answers to an HTTP worker (see Backlog)."""
+        batcher = self.batchers.get((model, backend))
+        return batcher.backlog() if batcher is not None else None
 
     async def totals(self, model: str) -> BatchTotals:
         batchers = [b for (name, _), b in self.batchers.items() if name == model]

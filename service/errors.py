@@ -107,6 +107,22 @@ class DeadlineExceededError(ServiceError):
     status_code = 504
 
 
+class OverloadedError(ServiceError):
+    """More work arrives than the server computes: this request would be answered only after
+    its deadline. 429 with Retry-After (not a 5xx: the server is healthy, the load is not)."""
+
+    status_code = 429
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, {"Retry-After": str(max(0, int(retry_after_s)))})
+
+
+class RequestTimeoutError(ServiceError):
+    """The client did not finish sending its request (headers or body) in time."""
+
+    status_code = 408
+
+
 class ClientDisconnectedError(ServiceError):
     """The client went away before its answer was ready; nobody reads this response."""
 

@@ -48,7 +48,10 @@ STAGE_BUCKETS_S = (
     1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 1e-2, 1.5e-2,
     2e-2, 2.5e-2, 3e-2, 4e-2, 5e-2, 7.5e-2, 0.1, 0.25, 1.0,
 )  # fmt: skip
-REJECT_REASONS = ("queue_full", "deadline", "client_disconnected", "shutting_down", "not_ready")
+# overloaded: refused at admission because the queue ahead would take it past its deadline.
+REJECT_REASONS = (
+    "queue_full", "overloaded", "deadline", "client_disconnected", "shutting_down", "not_ready",
+)  # fmt: skip
 # Which process of the layout a process_* sample comes from (see refresh_process).
 PROCESS_ROLES = ("engine", "worker")
 

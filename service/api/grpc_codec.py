@@ -20,14 +20,13 @@ from service.api.v2_codec import (
     IMAGE_INPUT,
     TENSOR_INPUT,
     InferRequest,
-    V2Output,
-    V2Tensor,
     encode_bytes_elements,
     encode_outputs,
     request_parameter,
     requested_outputs,
     set_input,
 )
+from service.api.v2_json import V2Output, V2Tensor
 from service.engine.protocol import ModelDescription
 from service.errors import BadTensorError, SchemaError
 

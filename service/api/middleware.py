@@ -1,4 +1,5 @@
-"""ASGI middleware: the request size limit, and the request metrics of the inference routes.
+"""ASGI middleware: the request size limit, the request metrics of the inference routes, and
+admission during a drain (new work refused, work in flight answered 503 at the deadline).
 
 Pure ASGI rather than BaseHTTPMiddleware, so that bodies stream through untouched and a
 client's disconnect still reaches the route.
@@ -6,11 +7,14 @@ client's disconnect still reaches the route.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+
+from starlette.requests import ClientDisconnect
 
 from service.api.deps import BACKEND_SCOPE_KEY, too_large
 
@@ -34,6 +38,13 @@ def _inference_route(path: str) -> tuple[str, str] | None:
     return None
 
 
+# How long a refused request's body is still read after its answer was sent: closing a
+# socket with unread data makes the kernel send a reset, which can destroy the answer before
+# the client reads it; reading the rest (or some of it, from a slow client) lets it arrive.
+LINGER_S = 0.5
+CLIENT_CLOSED = 499  # nginx's code: the client left before the answer
+
+
 async def _send_json(send: Send, status: int, payload: dict[str, Any], headers: dict[str, str]):
     body = json.dumps(payload).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
@@ -42,9 +53,55 @@ async def _send_json(send: Send, status: int, payload: dict[str, Any], headers: 
     await send({"type": "http.response.body", "body": body})
 
 
+async def _answer_then_discard_body(
+    send: Send, receive: Receive, status: int, payload: dict[str, Any], headers: dict[str, str]
+) -> None:
+    """Answer in full, then read (and drop) what is left of the request body for a moment
+    before the response ends and the server closes the connection (it says close)."""
+    body = json.dumps(payload).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    raw_headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body, "more_body": True})
+    try:
+        async with asyncio.timeout(LINGER_S):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    break
+    except TimeoutError:
+        pass
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _requests_of(app: Any) -> set[asyncio.Timeout]:
+    """The deadlines of the inference requests in flight in `app`, one registry per app."""
+    running = getattr(app.state, "escort_running_requests", None)
+    if running is None:
+        running = app.state.escort_running_requests = set()
+    return running
+
+
+def abort_requests(app: Any) -> int:
+    """The drain's deadline: every inference request still in flight in `app` stops now and
+    is answered 503 (Retry-After) if its answer has not begun. How many were stopped."""
+    running = _requests_of(app)
+    now = asyncio.get_running_loop().time()
+    for deadline in running:
+        deadline.reschedule(now)
+    return len(running)
+
+
 class ServiceMiddleware:
     """Refuses bodies over the limit (from Content-Length before reading, and while reading)
-    and records escort_requests_total / escort_request_duration_seconds for inference."""
+    and records escort_requests_total / escort_request_duration_seconds for inference.
+
+    While the server drains, new inference requests get 503 + Retry-After, every answer says
+    `Connection: close` (so that keep-alive clients move to another replica instead of
+    sending on a connection that is about to close), and `abort_requests` answers those
+    still in flight 503 at the drain's deadline. A client that leaves before its answer
+    counts as 499, whatever the route made of the missing body."""
 
     def __init__(self, app: ASGIApp, state_of: Callable[[Scope], Any]) -> None:
         self.app = app
@@ -61,12 +118,22 @@ class ServiceMiddleware:
         limit = state.settings.max_request_bytes
         route = _inference_route(scope.get("path", ""))
         start = time.monotonic()
-        status = {"code": 500}
+        status = {"code": 500, "started": False, "client_left": False}
 
         async def send_tracking(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                status["started"] = True
+                headers = list(message.get("headers", ()))
+                if state.draining and (b"connection", b"close") not in headers:
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
             await send(message)
+
+        async def receive_tracking() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not status["started"]:
+                status["client_left"] = True
+            return message
 
         try:
             if self._declared_length(scope) > limit:
@@ -79,11 +146,18 @@ class ServiceMiddleware:
             if state.draining:
                 # Decided at admission: requests already inside finish, new ones are refused.
                 error = state.refuse_while_draining(route[1])
-                await _send_json(send_tracking, 503, {"error": error.message}, error.headers)
+                payload = {"error": error.message}
+                await _answer_then_discard_body(send_tracking, receive, 503, payload, error.headers)
                 return
             async with state.tracked():  # a drain waits for these
-                await self.app(scope, self._limited(receive, limit), send_tracking)
+                await self._run_until_aborted(scope, receive_tracking, send_tracking, status)
+        except ClientDisconnect:
+            if not status["client_left"]:
+                raise
+            # Nobody to answer: the route's error for the missing body goes nowhere.
         finally:
+            if status["client_left"]:
+                status["code"] = CLIENT_CLOSED
             if route is not None:
                 protocol, model = route
                 label = state.model_label(model)
@@ -94,6 +168,27 @@ class ServiceMiddleware:
                     metrics.request_duration.labels(label, backend).observe(
                         time.monotonic() - start
                     )
+
+    async def _run_until_aborted(
+        self, scope: Scope, receive: Receive, send: Send, status: dict[str, Any]
+    ) -> None:
+        state = self._state_of(scope)
+        running = _requests_of(scope["app"])
+        limited = self._limited(receive, state.settings.max_request_bytes)
+        try:
+            async with asyncio.timeout(None) as deadline:
+                running.add(deadline)
+                await self.app(scope, limited, send)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the route's own, not the drain's
+            if status["started"]:
+                return  # too late for another answer; the connection closes unfinished
+            error = state.refuse_while_draining(_inference_route(scope["path"])[1])
+            payload = {"error": error.message}
+            await _answer_then_discard_body(send, receive, 503, payload, error.headers)
+        finally:
+            running.discard(deadline)
 
     @staticmethod
     def _declared_length(scope: Scope) -> int:

@@ -26,6 +26,7 @@ from service.engine.protocol import ModelDescription
 from service.errors import (
     BadImageError,
     BadInputError,
+    DeadlineExceededError,
     ForbiddenError,
     ModelNotFoundError,
     NotFoundError,
@@ -69,6 +70,7 @@ class ServiceState:
         self.models: dict[str, ModelDescription] = {}
         self.ready = False
         self.draining = False
+        self.drain_deadline = 0.0  # time.monotonic(); set by begin_drain
         self.load_error: str | None = None
         # Called when loading fails, so that a server process stops instead of idling unready.
         self.on_load_failure: Callable[[], None] | None = None
@@ -90,8 +92,17 @@ class ServiceState:
         return None
 
     def begin_drain(self) -> None:
-        """Readiness goes false and new work is refused; work in flight carries on."""
+        """Readiness goes false and new work is refused; work in flight carries on until
+        `drain_deadline` (ESCORT_DRAIN_TIMEOUT_S from the first call: one budget)."""
+        if not self.draining:
+            self.drain_deadline = time.monotonic() + self.settings.drain_timeout_s
         self.draining = True
+
+    def drain_left_s(self) -> float:
+        """What is left of the drain's budget (the whole budget before a drain began)."""
+        if not self.draining:
+            return self.settings.drain_timeout_s
+        return max(0.0, self.drain_deadline - time.monotonic())
 
     async def wait_quiet(self, timeout_s: float) -> bool:
         """Wait until no request is in flight; False when the timeout ran out first."""
@@ -274,11 +285,30 @@ class ServiceState:
         """Encoded images -> probabilities [N, classes]."""
         self._check_count(len(images))
         dispatcher = self._dispatcher(model)
+        # Before a single image is decoded: work the queue cannot finish in time is refused.
+        dispatcher.admit(model.name, backend, len(images), deadline)
         async with self._outcome(model.name):
             if self._decode_in_engine(model, dispatcher, images):
                 return await self._classify_encoded(model, backend, images, deadline, dispatcher)
-            batch = await self.preprocessor.images_to_batch(model.name, images, model.preprocessing)
+            batch = await self._decode(model, images, deadline)
             return await self._submit(dispatcher, model, backend, batch, deadline)
+
+    async def _decode(self, model: ModelDescription, images: list[bytes], deadline: float):
+        """The images decoded, within the request's deadline: the deadline covers decode as
+        well as queue and compute (a decode that overruns it still ends in its thread, but
+        the request is answered at the deadline and its rows never reach a batch)."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(loop.time() + (deadline - time.monotonic())):
+                return await self.preprocessor.images_to_batch(
+                    model.name, images, model.preprocessing
+                )
+        except TimeoutError:
+            self._count_refusal(model.name, "deadline")
+            raise DeadlineExceededError(
+                "the request's deadline passed while its images were decoded; send smaller "
+                "images, raise the V2 `timeout` parameter or ESCORT_REQUEST_TIMEOUT_S"
+            ) from None
 
     def _decode_in_engine(
         self, model: ModelDescription, dispatcher: Dispatcher, images: list[bytes]
@@ -316,6 +346,7 @@ class ServiceState:
         """A preprocessed float [N, 3, H, W] tensor -> probabilities [N, classes]."""
         self._check_count(int(tensor.shape[0]))
         dispatcher = self._dispatcher(model)
+        dispatcher.admit(model.name, backend, int(tensor.shape[0]), deadline)
         async with self._outcome(model.name):
             return await self._submit(dispatcher, model, backend, tensor, deadline)
 

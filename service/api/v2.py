@@ -8,12 +8,14 @@ A model may be served in several versions (manifests `<model>@<N>.toml`); a rout
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from importlib import metadata
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import (
     get_state,
@@ -37,6 +39,7 @@ router = APIRouter(prefix="/v2", tags=["v2"])
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics"]
 _BODY_TYPES = ("", "application/json", "application/octet-stream")
+_PARSE_INLINE_BYTES = 256 * 1024
 
 
 def server_version() -> str:
@@ -171,9 +174,22 @@ async def infer(request: Request, model: str, version: str | None = None) -> Res
     started = time.perf_counter()
     body = await read_body(request)
     received = time.perf_counter()
-    parsed = parse_infer_request(
-        body, request.headers.get("inference-header-content-length"), desc.input_shape
+    header_length = request.headers.get("inference-header-content-length")
+    parse = functools.partial(
+        parse_infer_request,
+        body,
+        header_length,
+        desc.input_shape,
+        state.settings.max_images_per_request,
     )
+    # Large JSON is decoded in a thread, so that the event loop goes on answering (health
+    # probes above all) meanwhile: the decoder and numpy's number parser leave the GIL free
+    # most of the time. Small JSON, and binary tensors beside it, are decoded in place,
+    # quicker than the hand-off.
+    declared = header_length or ""
+    json_bytes = int(declared) if declared.isascii() and declared.isdigit() else len(body)
+    parsed = await run_in_threadpool(parse) if json_bytes > _PARSE_INLINE_BYTES else parse()
+    del body, parse  # the tensor is parsed out of it: free it before the round trip
     backend = state.resolve_backend(desc, parsed.backend)
     set_backend_label(request, backend)
     state.observe_stage(desc.name, backend, "receive", received - started)

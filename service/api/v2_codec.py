@@ -6,7 +6,7 @@ when its `parameters.binary_data_size` is set, in input order after the JSON. Bi
 elements are each a 4-byte little-endian length and the bytes; in JSON, BYTES elements are
 strings, which for images means base64. Responses mirror this: an output is binary when its
 request asked with `parameters.binary_data` (or the request with `binary_data_output`).
-Plain numpy and pydantic; nothing here knows about HTTP.
+The JSON document itself is decoded in v2_json. Nothing here knows about HTTP.
 """
 
 from __future__ import annotations
@@ -20,42 +20,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
+from service.api.v2_json import (
+    INT64_MAX,
+    INT64_MIN,
+    TENSOR_DTYPES,
+    V2Output,
+    V2Tensor,
+    decode_data,
+    has_data,
+    numbers_from_json,
+    parse_json,
+)
 from service.engine.protocol import ModelDescription
 from service.errors import BadInputError, BadTensorError, SchemaError
 
 IMAGE_INPUT = "image"
 TENSOR_INPUT = "input"
 OUTPUT = "probabilities"
-TENSOR_DTYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
-
-
-class V2Tensor(BaseModel):
-    """One input tensor's description (its values in `data`, or as raw bytes beside it)."""
-
-    model_config = ConfigDict(extra="allow")
-    name: str
-    shape: list[StrictInt]
-    datatype: str
-    parameters: dict[str, Any] | None = None
-    data: Any = None
-
-
-class V2Output(BaseModel):
-    """One requested output."""
-
-    model_config = ConfigDict(extra="allow")
-    name: str
-    parameters: dict[str, Any] | None = None
-
-
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    id: str | None = None
-    parameters: dict[str, Any] | None = None
-    inputs: list[V2Tensor] = Field(min_length=1)
-    outputs: list[V2Output] | None = None
 
 
 @dataclass
@@ -75,10 +57,6 @@ class InferRequest:
     tensor: np.ndarray | None = field(default=None, repr=False)
 
 
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
 def request_parameter(
     params: dict[str, Any] | None, key: str, kind: type | tuple[type, ...], where: str
 ):
@@ -90,7 +68,10 @@ def request_parameter(
         raise SchemaError(f"{where} parameter {key!r} must be an integer, not a boolean")
     if not isinstance(value, kind):
         names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-        raise SchemaError(f"{where} parameter {key!r} must be {names}, got {value!r}")
+        raise SchemaError(f"{where} parameter {key!r} must be {names}, got {value!r:.80}")
+    # The spec's int64_param; JSON itself has no bound (a timeout of 10**400 overflowed).
+    if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
+        raise SchemaError(f"{where} parameter {key!r} must be a 64-bit integer")
     return value
 
 
@@ -110,26 +91,6 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes | 
     # A view: slicing bytes would copy the tensor data (600 KB an image) once more.
     view = memoryview(body)
     return bytes(view[:length]), view[length:]
-
-
-def _parse_json(header: bytes) -> _Request:
-    try:
-        document = json.loads(header, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadInputError(
-            f"request body is not valid JSON ({exc}); binary tensors need the "
-            "Inference-Header-Content-Length header"
-        ) from None
-    if not isinstance(document, dict):
-        raise SchemaError("the request must be a JSON object with an `inputs` list")
-    try:
-        return _Request.model_validate(document)
-    except ValidationError as exc:
-        parts = []
-        for err in exc.errors()[:5]:
-            where = ".".join(str(p) for p in err["loc"]) or "request"
-            parts.append(f"{where}: {err['msg']}")
-        raise SchemaError("invalid inference request: " + "; ".join(parts)) from None
 
 
 def _element_count(tensor: V2Tensor) -> int:
@@ -163,17 +124,12 @@ def encode_bytes_elements(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(item)) + item for item in items)
 
 
-def _flatten_json_strings(data: Any) -> list[Any]:
-    if isinstance(data, list):
-        flat: list[Any] = []
-        for item in data:
-            flat.extend(_flatten_json_strings(item) if isinstance(item, list) else [item])
-        return flat
-    return [data]
-
-
 def _images_from_json(tensor: V2Tensor, expected: int) -> list[bytes]:
-    items = _flatten_json_strings(tensor.data)
+    data = decode_data(tensor)
+    # Shape [N] or [N, 1]: a flat list of strings, or a list of one-string lists.
+    items: list[Any] = []
+    for item in data if isinstance(data, list) else [data]:
+        items.extend(item if isinstance(item, list) else [item])
     if len(items) != expected:
         raise BadTensorError(
             f"input {tensor.name!r} has shape {tensor.shape} but carries {len(items)} elements"
@@ -228,17 +184,7 @@ def parse_tensor_input(
             )
         array = np.frombuffer(raw, dtype=dtype)
     else:
-        try:
-            array = np.asarray(tensor.data, dtype=dtype)
-        except (TypeError, ValueError):
-            raise BadTensorError(
-                f"data of {TENSOR_INPUT!r} must be a (nested) list of numbers"
-            ) from None
-        if array.size != count:
-            raise BadTensorError(
-                f"input {TENSOR_INPUT!r} has shape {shape} ({count} values) but carries "
-                f"{array.size}"
-            )
+        array = numbers_from_json(tensor, count)
     if not np.isfinite(array).all():
         raise BadTensorError(f"input {TENSOR_INPUT!r} contains NaN or infinity")
     return array.reshape(shape)
@@ -267,11 +213,15 @@ def requested_outputs(
 
 
 def parse_infer_request(
-    body: bytes, header_length: str | None, chw: tuple[int, int, int]
+    body: bytes,
+    header_length: str | None,
+    chw: tuple[int, int, int],
+    max_rows: int | None = None,
 ) -> InferRequest:
-    """Decode a V2 infer request for a model whose tensor input is [N, *chw]."""
+    """Decode a V2 infer request for a model whose tensor input is [N, *chw]; more than
+    `max_rows` rows (images) are refused before their data is decoded."""
     header, binary = _split_body(body, header_length)
-    request = _parse_json(header)
+    request = parse_json(header)
     params = request.parameters
     backend = request_parameter(params, "backend", str, "request")
     timeout_us = request_parameter(params, "timeout", int, "request")
@@ -291,6 +241,13 @@ def parse_infer_request(
             f"send exactly one input, {IMAGE_INPUT!r} or {TENSOR_INPUT!r}; got {names}"
         )
 
+    shape = request.inputs[0].shape
+    if max_rows is not None and shape and shape[0] > max_rows:
+        raise BadTensorError(
+            f"the request carries {shape[0]} images; at most {max_rows} per request "
+            "(ESCORT_MAX_IMAGES_PER_REQUEST); split it"
+        )
+
     offset = 0
     raws: list[bytes | None] = []
     for tensor in request.inputs:
@@ -298,13 +255,13 @@ def parse_infer_request(
             tensor.parameters, "binary_data_size", int, f"input {tensor.name!r}"
         )
         if size is None:
-            if tensor.data is None:
+            if not has_data(tensor):
                 raise BadTensorError(
                     f"input {tensor.name!r} has neither `data` nor a binary_data_size parameter"
                 )
             raws.append(None)
             continue
-        if tensor.data is not None:
+        if has_data(tensor):
             raise BadTensorError(f"input {tensor.name!r} has both `data` and binary data")
         if size < 0 or offset + size > len(binary):
             raise BadTensorError(

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from service.admission import Backlog, overloaded
 from service.batching import Timeline
 from service.config import Settings
 from service.core.arena import SlotArena
@@ -47,6 +48,7 @@ class _Call:
     future: asyncio.Future[Any]
     slots: list[int]
     timeline: Timeline | None = None
+    queue: tuple[str, str] | None = None  # (model, backend) of an infer
 
 
 class RemoteDispatcher(Dispatcher):
@@ -67,6 +69,8 @@ class RemoteDispatcher(Dispatcher):
         self._ready: asyncio.Future[dict[str, ModelDescription]] | None = None
         self._alive = True
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The engine's latest word on each batcher's backlog (it comes with every answer).
+        self._backlogs: dict[tuple[str, str], Backlog] = {}
 
     async def start(self) -> dict[str, ModelDescription]:
         loop = self._loop = asyncio.get_running_loop()
@@ -110,7 +114,7 @@ class RemoteDispatcher(Dispatcher):
             raise
         assert self._loop is not None
         request_id = next(self._ids)
-        call = _Call(self._loop.create_future(), slots, timeline)
+        call = _Call(self._loop.create_future(), slots, timeline, (model, backend))
         # Answers to calls nobody awaits any more (timed out, cancelled) are still consumed.
         call.future.add_done_callback(_retrieve)
         self._calls[request_id] = call
@@ -129,6 +133,23 @@ class RemoteDispatcher(Dispatcher):
         except asyncio.CancelledError:
             self._send(("cancel", request_id))  # the client went away: drop its rows
             raise
+
+    def admit(self, model: str, backend: str, rows: int, deadline: float) -> None:
+        """Refuse from the engine's last reported backlog, before any image is decoded. The
+        engine checks again on arrival; this only spares the work when it would refuse."""
+        backlog = self._backlogs.get((model, backend))
+        if backlog is None:
+            return
+        now = time.monotonic()
+        if not backlog.admits(rows, deadline, now):
+            self.metrics.rejected.labels(model, "overloaded").inc()
+            raise overloaded(model, backend, backlog, rows, deadline, self.settings.retry_after_s)
+        # Until the next report, count what this worker just admitted into the backlog, so
+        # that a burst between two answers is not all admitted on one stale estimate.
+        ahead = -(-rows // backlog.max_batch) * backlog.batch_s
+        self._backlogs[(model, backend)] = Backlog(
+            max(now, backlog.clear_at) + ahead, backlog.batch_s, backlog.max_batch
+        )
 
     def row_capacity(self) -> int | None:
         return self._arena.in_bytes if self._arena is not None else 0
@@ -202,6 +223,8 @@ class RemoteDispatcher(Dispatcher):
         call = self._calls.pop(message[1], None)
         if call is None:
             return
+        if call.queue is not None and isinstance(message[-1], Backlog):
+            self._backlogs[call.queue] = message[-1]
         if call.slots and self._arena is not None:
             if kind == "done":
                 result: Any = self._arena.read_outputs(call.slots, message[2])

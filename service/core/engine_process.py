@@ -141,14 +141,16 @@ class _WorkerLink:
             classes = int(outputs.shape[1])
             for slot, row in zip(slots, outputs, strict=True):
                 self.arena.output(slot, classes)[:] = row
-            self.send(("done", request_id, classes, timeline.times()))
+            backlog = self.dispatcher.backlog(model, backend)
+            self.send(("done", request_id, classes, timeline.times(), backlog))
         except asyncio.CancelledError:
             # The worker's client went away; the batcher dropped the rows. Answer anyway:
             # the worker frees the slots only on an answer.
             error = ClientDisconnectedError("the client disconnected before the answer")
             self.send(error_message(request_id, error))
         except Exception as exc:
-            self.send(error_message(request_id, exc))
+            backlog = self.dispatcher.backlog(model, backend)
+            self.send((*error_message(request_id, exc), backlog))
         finally:
             self.tasks.pop(request_id, None)
 

@@ -10,9 +10,11 @@ worker -> engine: ("hello", arena_name, slots, in_bytes, out_bytes)
                   ("totals", request_id, model)
                   ("load", request_id, model), ("unload", request_id, model)
 engine -> worker: ("ready", {model: ModelDescription}) or ("failed", reason)
-                  ("done", request_id, classes, times)   outputs are in the slots;
+                  ("done", request_id, classes, times, backlog)   outputs are in the slots;
                   (times: the batcher's Timeline.times(), for the worker's stages)
-                  ("error", request_id, kind, message, retry_after_s)
+                  ("error", request_id, kind, message, retry_after_s[, backlog])
+                  (backlog: the batcher's Backlog after an infer, or None, so that the
+                  worker refuses what would miss its deadline before decoding it)
                   ("totals", request_id, BatchTotals)
                   ("models", request_id, {model: ModelDescription})   after a load or unload:
                   (request id 0 to every worker first, then the asking worker's own answer)
@@ -34,6 +36,7 @@ _KINDS: dict[str, type[errors.ServiceError]] = {
         errors.UnknownBackendError,
         errors.ModelNotFoundError,
         errors.QueueFullError,
+        errors.OverloadedError,
         errors.ShuttingDownError,
         errors.NotReadyError,
         errors.UnavailableError,
@@ -53,6 +56,6 @@ def error_message(request_id: int, exc: BaseException) -> tuple[Any, ...]:
 
 def rebuild_error(kind: str, message: str, retry_after_s: int) -> errors.ServiceError:
     cls = _KINDS.get(kind, errors.EngineFailureError)
-    if issubclass(cls, errors.UnavailableError):
+    if issubclass(cls, errors.UnavailableError | errors.OverloadedError):  # with Retry-After
         return cls(message, retry_after_s)
     return cls(message)

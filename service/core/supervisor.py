@@ -2,9 +2,10 @@
 process and the HTTP workers, passes signals on, and decides the exit code.
 
 SIGTERM (or Ctrl-C): each worker drains as a single-process server would (readiness false,
-503 + Retry-After for new work, requests in flight finished, at most ESCORT_DRAIN_TIMEOUT_S);
-once every worker has exited the engine process is told to stop, then the supervisor exits 0.
-A second signal is passed on too, which makes the workers stop at once. A child that dies
+503 + Retry-After for new work, requests in flight finished, at most ESCORT_DRAIN_TIMEOUT_S,
+then 503 for those left); once every worker has exited the engine process is told to stop,
+then the supervisor exits 0. A second signal is passed on too, which brings the workers'
+deadline forward to now (what is in flight gets 503, never a reset or a 500). A child that dies
 unexpectedly takes the service down with exit code 1 (an orchestrator restarts it); so does a
 model that fails to load.
 """
@@ -248,6 +249,17 @@ def _worker_main(settings, sock, conn, index) -> None:
 
 def run_service(settings: Settings, engine_factory: EngineFactory = default_engine_factory) -> int:
     """Serve with the supervisor layout until told to stop; the process's exit code."""
+    from service.core.preflight import startup_problems
+
+    # Before the port is bound: a bad manifest is a failed start, not a server that dies.
+    problems = startup_problems(settings, check_models=engine_factory is default_engine_factory)
+    if problems:
+        for problem in problems:
+            log.error("%s", problem)
+        log.error(
+            "not started: %d of %d models cannot be served", len(problems), len(settings.models)
+        )
+        return 1
     # Before any child imports prometheus_client: the children's metrics go to files there,
     # and a scrape of any worker adds them up. A fresh folder per run (stale files would add
     # a previous run's counts).

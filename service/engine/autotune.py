@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import stat
 import statistics
 import tempfile
 import time
@@ -62,25 +63,84 @@ def choose(dense_s: float, sparse_s: float) -> str:
     return "sparse" if sparse_s < dense_s else "dense"
 
 
+# A real cache holds a few hundred entries of ~200 bytes; a file far larger is not one.
+MAX_CACHE_BYTES = 64 << 20
+CHOICES = ("dense", "sparse")
+
+
 class TuningCache:
     """A JSON file of decisions. Several replicas may share it, so writes merge with what is on
-    disk and replace the file atomically; a corrupt file is set aside, never fatal."""
+    disk and replace the file atomically. A file that is not a cache (not JSON, the wrong shape,
+    a FIFO or a folder in its place) is logged and renamed aside, never fatal: a cache only
+    saves time, and one bad shared file must not stop every replica from starting."""
 
     def __init__(self, path: str | os.PathLike[str] | None) -> None:
         self.path = Path(path) if path is not None else None
-        self.entries: dict[str, dict] = self._read()
         self.dirty = False
+        self.entries: dict[str, dict] = self._read()
 
     def _read(self) -> dict[str, dict]:
-        if self.path is None or not self.path.exists():
+        if self.path is None:
             return {}
         try:
-            data = json.loads(self.path.read_text())
-            if data.get("format") == CACHE_FORMAT:
-                return dict(data.get("entries", {}))
-        except (OSError, ValueError, AttributeError) as exc:
-            log.warning("ignoring unreadable tuning cache %s: %s", self.path, exc)
+            # Non-blocking: opening a FIFO for reading would otherwise wait for a writer.
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return {}  # nothing cached yet (a cache dir that is a file: save() says so)
+        except OSError as exc:
+            self._set_aside(None, f"cannot be opened ({exc.strerror})")
+            return {}
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            self._set_aside(info, "is not a regular file")
+            return {}
+        with os.fdopen(fd, "rb") as fh:
+            if info.st_size > MAX_CACHE_BYTES:
+                self._set_aside(info, f"is larger than {MAX_CACHE_BYTES >> 20} MiB")
+                return {}
+            try:
+                data = json.loads(fh.read(MAX_CACHE_BYTES + 1))
+            except OSError as exc:
+                self._set_aside(info, f"cannot be read ({exc.strerror})")
+                return {}
+            except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+                self._set_aside(info, f"is not JSON ({type(exc).__name__})")
+                return {}
+        if isinstance(data, dict) and isinstance(data.get("format"), int):
+            if data["format"] != CACHE_FORMAT:
+                return {}  # another version's cache: not ours to judge, save() replaces it
+            entries = data.get("entries")
+            if isinstance(entries, dict):
+                good = {k: v for k, v in entries.items() if _valid_entry(v)}
+                if len(good) < len(entries):
+                    self._set_aside(info, f"has {len(entries) - len(good)} malformed entries")
+                    self.dirty = bool(good)  # rebuild the file with the good ones
+                return good
+        self._set_aside(info, f'is not {{"format": {CACHE_FORMAT}, "entries": {{...}}}}')
         return {}
+
+    def _set_aside(self, seen: os.stat_result | None, problem: str) -> None:
+        """Rename the bad file so the next save writes a fresh one and a person can look at
+        what was there. Only the file that was read: a replica that rebuilt it meanwhile keeps
+        its good one."""
+        assert self.path is not None
+        aside = self.path.with_name(f"{self.path.name}.bad-{time.strftime('%Y%m%dT%H%M%S')}")
+        aside = aside.with_name(f"{aside.name}-{os.getpid()}")
+        try:
+            now = os.lstat(self.path)
+            if seen is not None and (now.st_ino, now.st_dev) != (seen.st_ino, seen.st_dev):
+                return
+            os.rename(self.path, aside)
+        except OSError as exc:
+            log.warning(
+                "tuning cache %s %s; ignoring it (could not set it aside: %s)",
+                self.path,
+                problem,
+                exc.strerror,
+            )
+            return
+        log.warning("tuning cache %s %s; set aside as %s, rebuilding", self.path, problem, aside)
 
     def get(self, key: str) -> dict | None:
         return self.entries.get(key)
@@ -103,6 +163,17 @@ class TuningCache:
             self.dirty = False
         except OSError as exc:  # a read-only cache dir costs a re-tune next time, nothing more
             log.warning("could not write tuning cache %s: %s", self.path, exc)
+
+
+def _valid_entry(entry: object) -> bool:
+    """{"dense": s, "sparse": s, "choice": "dense" | "sparse"}, times finite and >= 0."""
+    if not isinstance(entry, dict) or entry.get("choice") not in CHOICES:
+        return False
+    times = [entry.get(kind) for kind in CHOICES]
+    return all(
+        isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < float("inf")
+        for t in times
+    )
 
 
 def _layer_inputs(layer: ConvLayer, batch: int, device, dtype, channels_last: bool):

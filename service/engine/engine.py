@@ -90,17 +90,23 @@ def available_models(models_dir: str | Path) -> list[str]:
     return list_manifests(models_dir)
 
 
-def load_source(name: str, models_dir: str | Path, progress: bool = False) -> ModelSource:
-    """Manifest and pruned weights of a shipped (or user) model, by manifest name."""
-    known = available_models(models_dir)
-    # A manifest may also be named by its path (a user's model outside models/).
-    from service.engine.loader import load_pruned_model
-    from service.engine.manifest import load_manifest, model_dirs
+def check_known(name: str, models_dir: str | Path) -> None:
+    """UnknownModelError (listing the manifests there are) unless `name` names a manifest in
+    the models folders, or is the path of a manifest file (a user's model outside them)."""
+    from service.engine.manifest import model_dirs
 
+    known = available_models(models_dir)
     if name not in known and not (Path(name).suffix in MANIFEST_SUFFIXES and Path(name).is_file()):
         where = ", ".join(str(folder) for folder in model_dirs(models_dir))
         raise UnknownModelError(name, known, where)
 
+
+def load_source(name: str, models_dir: str | Path, progress: bool = False) -> ModelSource:
+    """Manifest and pruned weights of a shipped (or user) model, by manifest name."""
+    from service.engine.loader import load_pruned_model
+    from service.engine.manifest import load_manifest
+
+    check_known(name, models_dir)
     manifest = load_manifest(name, models_dir)
     module = load_pruned_model(manifest, progress=progress)
     return ModelSource(

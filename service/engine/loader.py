@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.resources
 import math
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -69,6 +70,34 @@ def load_pruned_model(manifest: Manifest, progress: bool = False) -> nn.Module:
     targets = resolve_sparsities(model, manifest.pruning, manifest.architecture)
     magnitude_prune(model, targets, progress=progress)
     return model.eval()
+
+
+def check_weights(manifest: Manifest) -> None:
+    """A quick look, before the service binds its port, at the weights a manifest names: the
+    package is installed, or the file is a torch checkpoint (a zip whose directory reads, or
+    the legacy pickle format). Reads a few KiB, not the tensors: load_checkpoint checks those.
+    Raises CheckpointError or ImportError."""
+    if manifest.weights.kind == "package":
+        path = package_weights_path()
+        if not path.is_file():
+            raise CheckpointError(path, None, "missing from the installed package; reinstall it")
+        return
+    path = manifest.weights_path()
+    if path is None:
+        return
+    if not path.is_file():  # also refuses a FIFO, which a read would wait on
+        raise CheckpointError(path, None, "not a file; expected a checkpoint saved by torch.save")
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(4)
+        if head == b"PK\x03\x04":
+            with zipfile.ZipFile(path):  # reads the central directory: a truncated file fails
+                return
+        elif head[:1] == b"\x80":  # a pickle protocol byte: torch.save's legacy format
+            return
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(path, None, f"not a torch checkpoint ({exc})") from None
+    raise CheckpointError(path, None, "not a torch checkpoint; expected a file saved by torch.save")
 
 
 def package_weights_path() -> Path:

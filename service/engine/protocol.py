@@ -143,5 +143,5 @@ class EngineSpec:
     batch_bucket_step: int = 4  # see runner.batch_buckets; 0: powers of two only
     layer_profile_every: int = 100  # 0 turns sampled per-layer profiling off
     models_dir: str = ""  # comma list searched before the shipped manifests
-    cache_dir: str = ".escort-cache"  # auto-tuning decisions and prepared weights
+    cache_dir: str = ".escort-cache"  # the auto-tuning decisions (autotune.json)
     cuda_graphs: bool = True

@@ -12,7 +12,12 @@ import torchvision
 from torch import nn
 from torch.nn.utils import prune
 
-from service.engine.loader import CheckpointError, load_checkpoint, load_pruned_model
+from service.engine.loader import (
+    CheckpointError,
+    check_weights,
+    load_checkpoint,
+    load_pruned_model,
+)
 from service.engine.manifest import load_manifest
 from service.engine.pruning import PUBLISHED_PROFILES, layer_sparsity, prunable_layers
 
@@ -291,6 +296,22 @@ def test_a_file_manifest_serves_a_users_prune_checkpoint(tmp_path: Path) -> None
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), user(x))
+
+
+def test_the_quick_weights_check_refuses_what_is_no_checkpoint(tmp_path: Path) -> None:
+    torch.save({"w": torch.zeros(3)}, tmp_path / "w.pth")
+    (tmp_path / "m.toml").write_text(
+        'architecture = "resnet18"\nlabels = "imagenet"\n'
+        '[weights]\nkind = "file"\npath = "w.pth"\n[pruning]\nkind = "none"\n'
+        "[preprocessing]\nresize = 64\ncrop = 64\nmean = [0, 0, 0]\nstd = [255, 255, 255]\n"
+    )
+    manifest = load_manifest("m", tmp_path)
+    check_weights(manifest)  # a real checkpoint passes (its keys are load_checkpoint's job)
+    whole = (tmp_path / "w.pth").read_bytes()
+    for bad in (whole[: len(whole) // 2], b"plain text"):  # truncated; not a checkpoint at all
+        (tmp_path / "w.pth").write_bytes(bad)
+        with pytest.raises(CheckpointError, match="not a torch checkpoint"):
+            check_weights(manifest)
 
 
 def test_package_weights_are_only_for_efficientnet(tmp_path: Path) -> None:

@@ -314,6 +314,18 @@ BAD = {
     "no labels": (_replace('labels = "labels.txt"\n', ""), "labels", "missing"),
     "missing label file": (_replace('"labels.txt"', '"nope.txt"'), "labels", "readable label file"),
     "labels as a list": (_replace('"labels.txt"', '["a", "b"]'), "labels", "imagenet"),
+    "weights path absolute": (
+        _replace('kind = "synthetic"\nseed = 7', 'kind = "file"\npath = "/etc/passwd"'),
+        "weights.path",
+        "outside the manifest's folder",
+    ),
+    "weights path up": (
+        _replace('kind = "synthetic"\nseed = 7', 'kind = "file"\npath = "../../etc/passwd"'),
+        "weights.path",
+        "outside the manifest's folder",
+    ),
+    "labels path up": (_replace('"labels.txt"', '"../labels.txt"'), "labels", "outside"),
+    "labels a folder": (_replace('"labels.txt"', '"."'), "labels", "is not a file"),
     "num_classes mismatch": ("num_classes = 1000\n" + GOOD, "num_classes", "labels list 10"),
 }
 

@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.config import Settings
+from service.core.http_protocol import ConnectionLimits, protocol_class
 from service.core.http_server import DrainingServer
 from service.engine.protocol import Engine
 from tests.service.fakes import FAKE_MODEL
@@ -85,7 +86,13 @@ class ThreadServer:
         self.app = create_app(self.settings, engine=engine)
         self.sock = bound_socket()
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on")
+        config = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            lifespan="on",
+            http=protocol_class(ConnectionLimits.of(self.settings)),  # as serve() runs it
+            timeout_keep_alive=self.settings.keep_alive_timeout_s,  # type: ignore[arg-type]
+        )
         self.server = DrainingServer(config, self.app)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]})
 

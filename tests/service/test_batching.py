@@ -16,6 +16,7 @@ from service.batching import BatchQueue
 from service.errors import (
     DeadlineExceededError,
     EngineFailureError,
+    OverloadedError,
     QueueFullError,
     ShuttingDownError,
 )
@@ -146,6 +147,58 @@ def test_cancelled_requests_are_dropped_before_batching() -> None:
         await kept
         assert 5.0 not in engine.rows_seen and 6.0 in engine.rows_seen
         labels = {"model": FAKE_MODEL, "reason": "client_disconnected"}
+        assert sample(metrics, "escort_rejected_total", labels) == 1
+        await queue.close()
+
+    asyncio.run(scenario())
+
+
+def test_rows_of_cancelled_requests_free_their_room_at_once() -> None:
+    engine = FakeEngine(gate=threading.Event())
+
+    async def scenario() -> None:
+        queue, metrics = make_queue(engine, max_batch_size=1, max_queue_size=4)
+        queue.start()
+        blocker = asyncio.ensure_future(queue.submit(marked_tensor(0.0), later(10)))
+        while not engine.started.is_set():
+            await asyncio.sleep(0.01)
+        gone = [
+            asyncio.ensure_future(queue.submit(marked_tensor(5.0), later(10))) for _ in range(4)
+        ]
+        await asyncio.sleep(0.02)
+        assert queue.depth == 4
+        for task in gone:
+            task.cancel()
+        await asyncio.sleep(0.01)
+        # The engine is still busy, yet the room and the gauge are free again.
+        assert queue.depth == 0
+        assert sample(metrics, "escort_queue_depth", {"model": FAKE_MODEL}) == 0
+        kept = asyncio.ensure_future(queue.submit(marked_tensor(6.0, rows=4), later(10)))
+        await asyncio.sleep(0.01)
+        engine.gate.set()
+        await blocker
+        await kept
+        assert 5.0 not in engine.rows_seen and engine.rows_seen.count(6.0) == 4
+        await queue.close()
+
+    asyncio.run(scenario())
+
+
+def test_work_the_backlog_would_finish_past_its_deadline_is_refused() -> None:
+    engine = FakeEngine(delay_s=0.05)
+
+    async def scenario() -> None:
+        queue, metrics = make_queue(engine, max_batch_size=2, max_batch_delay_ms=0)
+        queue.start()
+        await queue.submit(marked_tensor(0.0), later(10))  # measures a batch: about 50 ms
+        running = [asyncio.ensure_future(queue.submit(marked_tensor(1.0), later(10)))
+                   for _ in range(8)]  # fmt: skip
+        await asyncio.sleep(0.01)
+        with pytest.raises(OverloadedError, match="overloaded"):
+            await queue.submit(marked_tensor(2.0), later(0.1))  # 4 batches ahead: ~200 ms
+        await asyncio.gather(*running)
+        assert 2.0 not in engine.rows_seen
+        labels = {"model": FAKE_MODEL, "reason": "overloaded"}
         assert sample(metrics, "escort_rejected_total", labels) == 1
         await queue.close()
 

@@ -148,6 +148,13 @@ class ServiceMetrics:
             ["model", "reason"],
             registry=reg,
         )
+        self.connections_refused = Counter(
+            "escort_connections_refused",
+            "Connections the HTTP layer answered and closed itself, before any route, by reason "
+            "(max_connections 503, header_too_large 431, header_timeout 408, bad_request 400).",
+            ["reason"],
+            registry=reg,
+        )
         self.layer_duration = Histogram(
             "escort_layer_duration_seconds",
             "Sampled time of one layer on one batch.",

@@ -73,6 +73,7 @@ def panels() -> list[dict]:
     rate_by_backend = f"sum by (backend) (rate(escort_requests_total{{{SEL}}}[{RATE}]))"
     errors = f'sum by (code) (rate(escort_requests_total{{{SEL}, code!~"2.."}}[{RATE}]))'
     rejected = f"sum by (reason) (rate(escort_rejected_total{{{SEL}}}[{RATE}]))"
+    refused = f"sum by (reason) (rate(escort_connections_refused_total[{RATE}]))"
     mean_batch = (
         f"sum by (backend) (rate(escort_batch_size_sum{{{SEL}}}[{RATE}])) / "
         f"sum by (backend) (rate(escort_batch_size_count{{{SEL}}}[{RATE}]))"
@@ -140,10 +141,13 @@ def panels() -> list[dict]:
                         "A", instant=True)], "x",
                options={"orientation": "horizontal", "displayMode": "gradient"}),
         _panel("timeseries", "Errors by HTTP code and refusals by reason",
-               "Non-2xx answers per second by code, and requests refused or dropped before "
-               "compute (queue full, deadline, client gone, shutting down).",
+               "Non-2xx answers per second by code; requests refused or dropped before "
+               "compute (overloaded, queue full, deadline, client gone, shutting down); and "
+               "connections the HTTP layer closed itself (connection cap, oversized or slow "
+               "headers, malformed requests: every model).",
                (0, 28, 12, 8), [_target(errors, "HTTP {{code}}", "A"),
-                                _target(rejected, "refused: {{reason}}", "B")], "reqps"),
+                                _target(rejected, "refused: {{reason}}", "B"),
+                                _target(refused, "connection: {{reason}}", "C")], "reqps"),
         _panel("timeseries", "Preprocessing time (p50, p99)",
                "Decode, resize and normalize of one image, in the preprocessing threads.",
                (12, 28, 6, 8), _quantiles("escort_preprocess_duration_seconds", "",

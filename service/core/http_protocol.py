@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,9 +60,20 @@ class ConnectionLimits:
         )
 
 
-def protocol_class(limits: ConnectionLimits) -> type[LimitedHttpProtocol]:
-    """The protocol class to hand to uvicorn.Config(http=...), bound to `limits`."""
-    return type("LimitedHttpProtocol", (LimitedHttpProtocol,), {"limits": limits})
+# Why the protocol itself answered and closed a connection (escort_connections_refused_total).
+REFUSAL_REASONS = ("max_connections", "header_too_large", "header_timeout", "bad_request")
+
+
+def protocol_class(
+    limits: ConnectionLimits, on_refusal: Callable[[str], None] | None = None
+) -> type[LimitedHttpProtocol]:
+    """The protocol class to hand to uvicorn.Config(http=...), bound to `limits`;
+    `on_refusal(reason)` hears of each connection the protocol answers and closes itself
+    (one of REFUSAL_REASONS), which no route sees."""
+    hook = staticmethod(on_refusal) if on_refusal is not None else None
+    return type(
+        "LimitedHttpProtocol", (LimitedHttpProtocol,), {"limits": limits, "on_refusal": hook}
+    )
 
 
 def error_bytes(
@@ -106,6 +119,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     """One client connection. `limits` is set by protocol_class."""
 
     limits: ConnectionLimits
+    on_refusal: Callable[[str], None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -126,6 +140,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if len(self.connections) > self.limits.max_connections:
             self.refuse(
                 503,
+                "max_connections",
                 "too many connections to this server (ESCORT_MAX_CONNECTIONS); retry later",
                 retry_after=str(self.limits.retry_after_s),
             )
@@ -160,10 +175,16 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         """Whether the client may still be sending: a request begun but not fully read."""
         return self._in_body or self._header_bytes > 0
 
-    def refuse(self, status: int, message: str, **headers: str) -> None:
-        """Answer `status` with a JSON error and close, reading the rest for a moment."""
+    def refuse(self, status: int, reason: str, message: str, **headers: str) -> None:
+        """Answer `status` with a JSON error and close, reading the rest for a moment;
+        `reason` (one of REFUSAL_REASONS) goes to the on_refusal hook."""
         if self.lingering or self._raw_transport.is_closing():
             return
+        if self.on_refusal is not None:
+            try:
+                self.on_refusal(reason)
+            except Exception:  # a metrics hiccup must never keep a refusal from going out
+                logging.getLogger("escort.app").exception("connection refusal hook failed")
         if self._running is not None and not self._running.response_complete:
             # A request pipelined behind one still being answered: an answer now would cut
             # into that one's response, so the connection just closes (and that one stops).
@@ -191,17 +212,21 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn's own answer to a malformed request is text/plain; every error here is JSON.
-        self.refuse(400, f"malformed HTTP request: {msg}")
+        self.refuse(400, "bad_request", f"malformed HTTP request: {msg}")
 
     def _headers_too_large(self) -> None:
         limit = self.limits.max_header_bytes
-        self.refuse(431, f"request line and headers exceed {limit} bytes (ESCORT_MAX_HEADER_BYTES)")
+        self.refuse(
+            431, "header_too_large", f"request line and headers exceed {limit} bytes "
+            "(ESCORT_MAX_HEADER_BYTES)"
+        )  # fmt: skip
 
     def _header_timeout(self) -> None:
         self._header_timer = None
         if not self._in_body:
             self.refuse(
                 408,
+                "header_timeout",
                 f"request headers not received within {self.limits.header_timeout_s:g} s "
                 "(ESCORT_HEADER_TIMEOUT_S)",
             )

@@ -120,12 +120,18 @@ def serve(app: FastAPI, settings: Settings, sockets: list[socket.socket] | None 
     ESCORT_MAX_CONNECTIONS (not uvicorn's limit_concurrency, which counts tasks as well as
     connections, answers in text/plain without Retry-After, and only once headers arrive)."""
     processes = settings.worker_processes if sockets is not None else 1
+
+    def count_refusal(reason: str) -> None:
+        state: ServiceState | None = getattr(app.state, "service", None)
+        if state is not None:
+            state.metrics.connections_refused.labels(reason).inc()
+
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         workers=1,
-        http=protocol_class(ConnectionLimits.of(settings, processes)),
+        http=protocol_class(ConnectionLimits.of(settings, processes), count_refusal),
         timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]
         log_level=settings.log_level,
         access_log=settings.access_log,

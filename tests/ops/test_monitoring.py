@@ -40,6 +40,8 @@ CONTRACT = {
     "escort_process_open_fds": ("gauge", {"role"}),
     "escort_processes": ("gauge", {"role"}),
     "escort_stage_duration_seconds": ("histogram", {"model", "backend", "stage"}),
+    # Connections the HTTP layer closed before any route; docs/service.md "Connection limits".
+    "escort_connections_refused": ("counter", {"reason"}),
 }
 # Prometheus adds these to every scraped series: per-replica panels group by instance.
 TARGET_LABELS = {"job", "instance"}

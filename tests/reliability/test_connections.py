@@ -46,6 +46,16 @@ def server():
         yield running
 
 
+def scrape(server: ProcessServer) -> str:
+    with server.client() as http:
+        return http.get("/metrics").text
+
+
+def refused(text: str, reason: str) -> float:
+    pattern = rf'^escort_connections_refused_total{{reason="{reason}"}} (\S+)$'
+    return sum(float(m.group(1)) for m in re.finditer(pattern, text, re.MULTILINE))
+
+
 def connect(server: ProcessServer, timeout_s: float = 10.0) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=timeout_s)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -111,11 +121,13 @@ def infer_bytes() -> bytes:
 
 
 def test_server_written_400_is_json(server):
+    before = refused(scrape(server), "bad_request")
     with contextlib.closing(connect(server)) as sock:
         sock.sendall(b"NOT AN HTTP REQUEST\r\n\r\n")
         status, headers, body = read_response(sock)
     assert status == 400
     assert_json_error(headers, body)
+    assert refused(scrape(server), "bad_request") == before + 1
 
 
 def test_idle_connection_is_closed(server):
@@ -146,6 +158,10 @@ def test_slowloris_connections_are_closed_and_capped(server):
         assert answers.count(503) >= len(socks) - MAX_CONNECTIONS, answers
         assert set(answers) <= {408, 503}, answers
         assert tree_fds(pid) < baseline + 10
+        # Refusals no route saw are still counted, by reason, summed over the workers.
+        text = scrape(server)
+        for reason, status in (("header_timeout", 408), ("max_connections", 503)):
+            assert refused(text, reason) >= answers.count(status), (reason, answers)
     finally:
         for sock in socks:
             sock.close()

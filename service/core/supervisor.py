@@ -5,7 +5,8 @@ SIGTERM (or Ctrl-C): each worker drains as a single-process server would (readin
 503 + Retry-After for new work, requests in flight finished, at most ESCORT_DRAIN_TIMEOUT_S,
 then 503 for those left); once every worker has exited the engine process is told to stop,
 then the supervisor exits 0. A second signal is passed on too, which brings the workers'
-deadline forward to now (what is in flight gets 503, never a reset or a 500). A child that dies
+deadline forward to now (what is in flight gets 503, never a reset or a 500); a worker still
+alive WORKER_STOP_GRACE_S after the budget is killed (exit code 1). A child that dies
 unexpectedly takes the service down with exit code 1 (an orchestrator restarts it); so does a
 model that fails to load.
 """
@@ -35,6 +36,11 @@ log = logging.getLogger("escort.supervisor")
 
 ENGINE_STOP_TIMEOUT_S = 30.0
 POLL_S = 0.5
+# A worker still alive this long after the drain's budget ran out (ESCORT_DRAIN_TIMEOUT_S,
+# then about a second to write the last answers) is stuck, a blocked event loop say: it is
+# killed, so that a stop stays bounded without waiting for the orchestrator's SIGKILL (k8s:
+# preStop 5 + drain 30 + this + the engine's stop, within the 45 s grace period).
+WORKER_STOP_GRACE_S = 5.0
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
@@ -106,9 +112,11 @@ class Supervisor:
         self.engine_factory = engine_factory
         self.signals = 0
         self.exit_code = 0
+        self.stop_by: float | None = None  # time.monotonic(): workers alive then are killed
 
     def _on_signal(self, sig: int, frame: FrameType | None) -> None:
         self.signals += 1
+        self._set_stop_by()
         log.info("signal %d: %s", sig, "draining" if self.signals == 1 else "stopping now")
         for worker in self.workers:
             if worker.is_alive() and worker.pid is not None:
@@ -179,6 +187,7 @@ class Supervisor:
         alive = {w.sentinel: w for w in self.workers}
         engine_sentinel = self.engine.sentinel
         while alive:
+            self._kill_stuck(list(alive.values()))
             ready = wait([*alive, engine_sentinel], timeout=POLL_S)
             for sentinel in ready:
                 if sentinel == engine_sentinel:
@@ -202,10 +211,30 @@ class Supervisor:
                     self._terminate_workers()
             if engine_sentinel is None:
                 # The engine is gone: wait for the workers without watching it again.
+                self._kill_stuck(list(alive.values()))
                 for sentinel in wait(list(alive), timeout=POLL_S):
                     _mark_dead(alive.pop(sentinel).pid)
 
+    def _set_stop_by(self) -> None:
+        if self.stop_by is None:
+            self.stop_by = time.monotonic() + self.settings.drain_timeout_s + WORKER_STOP_GRACE_S
+
+    def _kill_stuck(self, alive: list[BaseProcess]) -> None:
+        """Past `stop_by`: kill the workers that are still alive (their exit reads as a crash,
+        so the exit code is 1)."""
+        if self.stop_by is None or time.monotonic() < self.stop_by:
+            return
+        for worker in alive:
+            if worker.is_alive():
+                log.error(
+                    "%s did not stop within ESCORT_DRAIN_TIMEOUT_S + %.0f s; killed",
+                    worker.name, WORKER_STOP_GRACE_S,
+                )  # fmt: skip
+                worker.kill()
+                self.exit_code = 1
+
     def _terminate_workers(self) -> None:
+        self._set_stop_by()
         if self.signals == 0:
             self.signals = 1  # what follows is a shutdown, not a crash of the survivors
             for worker in self.workers:

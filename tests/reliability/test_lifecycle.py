@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
+import signal
 import socket
 import threading
 import time
@@ -14,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from service.core.supervisor import WORKER_STOP_GRACE_S
 from tests.service.fakes import FAKE_MODEL, FakeEngine, marked_tensor
 from tests.service.servers import ProcessServer, ThreadServer
 from tests.service.test_lifecycle import metric_value
@@ -182,3 +186,23 @@ def test_a_client_that_leaves_mid_upload_counts_499() -> None:
             for code in ("499", "500", "400", "408")
         }
     assert counted == {"499": 3, "500": 0, "400": 0, "408": 0}, counted
+
+
+def test_a_stuck_worker_is_killed_once_the_drain_budget_is_spent() -> None:
+    """A worker that cannot drain (here stopped with SIGSTOP, as a blocked event loop would
+    be) does not hold the stop past the budget: the supervisor kills it, says so, exits 1."""
+    env = _env(ESCORT_WORKERS="1", ESCORT_DRAIN_TIMEOUT_S="1")
+    with ProcessServer("tests.service.fake_server", env) as server:
+        with server.client() as http:
+            text = http.get("/metrics").text
+        workers = set(re.findall(r'escort_worker_connections\{worker="(\d+)"\}', text))
+        assert len(workers) == 1, text
+        os.kill(int(workers.pop()), signal.SIGSTOP)
+        started = time.monotonic()
+        server.terminate()
+        code = server.wait(60)
+        took = time.monotonic() - started
+        output = server.output()
+    assert code == 1, output
+    assert took < 1 + WORKER_STOP_GRACE_S + 5, (took, output)
+    assert "did not stop within ESCORT_DRAIN_TIMEOUT_S" in output

@@ -8,6 +8,8 @@ import copy
 import pytest
 import yaml
 
+from service.core.http_server import FINISH_S
+from service.core.supervisor import WORKER_STOP_GRACE_S
 from tests.ops.conftest import ROOT
 
 K8S = ROOT / "deploy" / "k8s"
@@ -100,8 +102,10 @@ def test_termination_grace_covers_prestop_and_drain(docs: dict[str, dict]) -> No
     grace_s = pod["terminationGracePeriodSeconds"]
     # Long enough for the endpoints to drop the pod (> one readiness period) ...
     assert pre_stop_s >= container["readinessProbe"]["periodSeconds"]
-    # ... and for the whole drain afterwards, with a margin, but not pointlessly longer.
-    assert pre_stop_s + drain_s + 5 <= grace_s <= pre_stop_s + drain_s + 30
+    # ... and for the whole stop afterwards: the drain, the last answers, and the time the
+    # supervisor gives a stuck worker before it kills it; but not pointlessly longer.
+    stop_s = drain_s + FINISH_S + WORKER_STOP_GRACE_S
+    assert pre_stop_s + stop_s <= grace_s <= pre_stop_s + drain_s + 30
 
 
 def test_service_hpa_pdb_and_monitor_point_at_the_deployment(docs: dict[str, dict]) -> None:

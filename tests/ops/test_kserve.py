@@ -15,6 +15,8 @@ import yaml
 
 from service.cli import parse_serve_args
 from service.config import ENV_PREFIX, Settings, load_settings
+from service.core.http_server import FINISH_S
+from service.core.supervisor import WORKER_STOP_GRACE_S
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = sorted((ROOT / "deploy" / "kserve").glob("*.yaml"))
@@ -134,7 +136,9 @@ def test_inference_services_name_a_runtime_that_serves_their_format() -> None:
         drain = float(next(e["value"] for e in container["env"]
                            if e["name"] == "ESCORT_DRAIN_TIMEOUT_S"))  # fmt: skip
         grace = service["spec"]["predictor"].get("terminationGracePeriodSeconds", 30)
-        assert drain < grace  # a drain finishes before the kubelet's SIGKILL
+        # The whole stop (drain, last answers, a stuck worker's grace) ends before the
+        # kubelet's SIGKILL.
+        assert drain + FINISH_S + WORKER_STOP_GRACE_S <= grace
     by_storage = [s for s in services if "storageUri" in s["spec"]["predictor"]["model"]]
     assert by_storage and all(
         s["spec"]["predictor"]["model"]["resources"]["limits"]["nvidia.com/gpu"] == "1"

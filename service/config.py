@@ -199,7 +199,10 @@ class Settings(BaseSettings):
         "computing (the HTTP layer's own ceiling).",
     )
     retry_after_s: int = Field(
-        1, ge=0, description="Retry-After seconds sent with 503 answers on overload."
+        1,
+        ge=0,
+        description="Retry-After seconds sent with 429 and 503 answers (overload, a full "
+        "queue, a drain).",
     )
     max_header_bytes: int = Field(
         64 * 1024,

@@ -28,7 +28,7 @@ ALERT_TESTS = DEPLOY / "prometheus" / "alerts_test.yml"
 PROMETHEUS_SERIES = {"up": {"job", "instance"}}
 EXPECTED = {
     "EscortTargetDown", "EscortModelNotReady", "EscortHighP99Latency", "EscortQueueNearFull",
-    "EscortBatchFailures", "EscortDeviceMemoryNearFull", "EscortHigh5xxRatio",
+    "EscortBatchFailures", "EscortDeviceMemoryNearFull", "EscortHigh5xxRatio", "EscortShedding",
 }  # fmt: skip
 
 

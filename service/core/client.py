@@ -214,6 +214,7 @@ class RemoteDispatcher(Dispatcher):
         if kind == "models" and message[1] == 0:  # the engine's news: the served models changed
             if self.on_models is not None:
                 self.on_models(message[2])
+            self._send(("seen", message[3]))  # the load or unload answers once all have it
             return
         if kind == "failed" and self._ready is not None and not self._ready.done():
             self._ready.set_exception(

@@ -49,6 +49,45 @@ SWITCH_INTERVAL_S = 0.0001
 LOAD_FAILED = 3  # exit code: the models did not load (already said in one line)
 
 
+# How long a load or unload waits for every worker to take the new set of models in before it
+# answers anyway (a worker that does not answer in this time is stuck or gone).
+NEWS_TIMEOUT_S = 10.0
+
+
+class _ModelNews:
+    """The served models' changes, told to every worker. A load or unload answers its caller
+    only once every live worker has taken the change in: otherwise a request sent right after
+    the answer could reach (by the kernel's choice of listener) a worker that has not read the
+    news from its pipe yet, and get 404 for a model that is loaded."""
+
+    def __init__(self) -> None:
+        self.links: list[_WorkerLink] = []
+        self.version = 0
+        self._changed = asyncio.Event()
+
+    def announce(self, current: dict[str, ModelDescription]) -> None:
+        self.version += 1
+        for link in self.links:
+            link.send(("models", 0, current, self.version))  # id 0: everybody's news
+
+    def seen(self, link: _WorkerLink, version: int) -> None:
+        link.news_seen = max(link.news_seen, version)
+        self._changed.set()
+
+    async def all_seen(self) -> None:
+        """Until every live worker has taken in the latest change (or NEWS_TIMEOUT_S)."""
+        version = self.version
+        try:
+            async with asyncio.timeout(NEWS_TIMEOUT_S):
+                while any(not k.closed and k.news_seen < version for k in self.links):
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            slow = [k.index for k in self.links if not k.closed and k.news_seen < version]
+            log.warning("workers %s did not confirm the new set of models in %.0f s",
+                        slow, NEWS_TIMEOUT_S)  # fmt: skip
+
+
 class _WorkerLink:
     """One HTTP worker as the engine process sees it: its pipe, its arena, its requests."""
 
@@ -57,10 +96,13 @@ class _WorkerLink:
         index: int,
         conn: Connection,
         dispatcher: LocalDispatcher,
+        news: _ModelNews,
     ) -> None:
         self.index = index
         self.conn = conn
         self.dispatcher = dispatcher
+        self.news = news
+        self.news_seen = 0  # the latest version of the served models this worker confirmed
         self.arena: SlotArena | None = None
         self.pinned = False
         self.tasks: dict[int, asyncio.Task[None]] = {}
@@ -99,6 +141,8 @@ class _WorkerLink:
         elif kind in ("load", "unload"):
             _, request_id, model = message
             asyncio.get_running_loop().create_task(self._repository_change(kind, request_id, model))
+        elif kind == "seen":
+            self.news.seen(self, message[1])
         elif kind == "hello":
             _, name, slots, in_bytes, out_bytes = message
             self.arena = SlotArena.attach(name, slots, in_bytes, out_bytes)
@@ -158,12 +202,14 @@ class _WorkerLink:
         self.send(("totals", request_id, await self.dispatcher.totals(model)))
 
     async def _repository_change(self, kind: str, request_id: int, model: str) -> None:
-        """A load or unload this worker asked for. Every worker (this one first, on this same
-        pipe) hears of the new set of models through the dispatcher's `on_models` before this
-        answer, so the asking worker already serves it when it answers its client."""
+        """A load or unload this worker asked for. Every worker hears of the new set of models
+        through the dispatcher's `on_models`, and this answer waits until each has confirmed
+        it (`_ModelNews`), so that every worker serves the change when the client hears of it."""
         change = self.dispatcher.load if kind == "load" else self.dispatcher.unload
         try:
-            self.send(("models", request_id, await change(model)))
+            models = await change(model)
+            await self.news.all_seen()
+            self.send(("models", request_id, models))
         except Exception as exc:
             self.send(error_message(request_id, exc))
 
@@ -223,16 +269,14 @@ async def serve_engine(
         return LOAD_FAILED
     freeze_heap()
     log.debug("engine event loop: %s", type(loop).__module__.split(".")[0])
-    links = [_WorkerLink(i, conn, dispatcher) for i, conn in enumerate(conns)]
-
-    def announce(current: dict[str, ModelDescription]) -> None:
-        for link in links:
-            link.send(("models", 0, current))  # request id 0: nobody's call, everybody's news
+    news = _ModelNews()
+    links = [_WorkerLink(i, conn, dispatcher, news) for i, conn in enumerate(conns)]
+    news.links = links
 
     def fits(desc: ModelDescription) -> None:
         _check_fits(desc, [link.arena for link in links if link.arena is not None])
 
-    dispatcher.on_models = announce
+    dispatcher.on_models = news.announce
     dispatcher.check_fits = fits
     for link in links:
         link.send(("ready", models))

@@ -9,6 +9,7 @@ worker -> engine: ("hello", arena_name, slots, in_bytes, out_bytes)
                   ("cancel", request_id)
                   ("totals", request_id, model)
                   ("load", request_id, model), ("unload", request_id, model)
+                  ("seen", version)   this worker serves that version of the models' news
 engine -> worker: ("ready", {model: ModelDescription}) or ("failed", reason)
                   ("done", request_id, classes, times, backlog)   outputs are in the slots;
                   (times: the batcher's Timeline.times(), for the worker's stages)
@@ -16,8 +17,9 @@ engine -> worker: ("ready", {model: ModelDescription}) or ("failed", reason)
                   (backlog: the batcher's Backlog after an infer, or None, so that the
                   worker refuses what would miss its deadline before decoding it)
                   ("totals", request_id, BatchTotals)
-                  ("models", request_id, {model: ModelDescription})   after a load or unload:
-                  (request id 0 to every worker first, then the asking worker's own answer)
+                  ("models", 0, {model: ModelDescription}, version)   after a load or
+                  unload, to every worker; then, once each has answered "seen", the asking
+                  worker's own ("models", request_id, {model: ModelDescription})
 supervisor -> engine: ("stop",)
 """
 

@@ -11,12 +11,7 @@ OUT=${OUT:-gpu-out}
 RUN_NAME=${RUN_NAME:-grpc}
 R=$OUT/$RUN_NAME
 mkdir -p "$R"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site ${WHEELS:-.gpu-wheels}/*.whl \
-  >"$R/pip.log" 2>&1 || { tail "$R/pip.log"; exit 1; }
-export PYTHONPATH=/tmp/site:.
-bash loadtest/unpack_debs.sh /tmp/debs >/dev/null
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$R/device.txt"
+. bench/device_env.sh
 MODEL=${SERVICE_MODEL:-resnet50-uniform90}
 USERS=${GRPC_USERS:-64 128}
 STEP_S=${STEP_S:-15}

@@ -12,12 +12,7 @@ OUT=${OUT:-gpu-out}
 RUN_NAME=${RUN_NAME:-r}  # several runs in one device call: a name each
 R=$OUT/$RUN_NAME
 mkdir -p "$R"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site ${WHEELS:-.gpu-wheels}/*.whl \
-  >"$R/pip.log" 2>&1 || { tail "$R/pip.log"; exit 1; }
-export PYTHONPATH=/tmp/site:.
-bash loadtest/unpack_debs.sh /tmp/debs >/dev/null
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$R/device.txt"
+. bench/device_env.sh
 df -h /dev/shm | tail -1 | tee -a "$R/device.txt"
 nproc | tee -a "$R/device.txt"
 python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)" | tee -a "$R/device.txt"

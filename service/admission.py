@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from prometheus_client import Counter
+
 from service.errors import DeadlineExceededError, OverloadedError
 
 # Admission keeps this fraction of a request's time left in reserve (see Backlog.admits).
@@ -37,6 +39,10 @@ class Backlog:
     def idle(self, now: float) -> bool:
         """Nothing queued ahead: a new request waits for no one."""
         return self.clear_at <= now
+
+    def after(self, rows: int, now: float) -> Backlog:
+        """This backlog with `rows` more queued behind it."""
+        return Backlog(self.finish_at(rows, now), self.batch_s, self.max_batch)
 
     def admits(self, rows: int, deadline: float, now: float) -> bool:
         """True when `rows` would be computed by `deadline` with time to spare: a batch, or
@@ -69,3 +75,19 @@ def overloaded(
         "retry later",
         retry_after_s,
     )
+
+
+def admit(
+    backlog: Backlog,
+    model: str,
+    backend: str,
+    rows: int,
+    deadline: float,
+    retry_after_s: int,
+    rejected: Counter,
+) -> None:
+    """Raise the refusal (`overloaded`), counted in `rejected` (escort_rejected_total) as
+    reason "overloaded", when `backlog` would compute `rows` only after `deadline`."""
+    if not backlog.admits(rows, deadline, time.monotonic()):
+        rejected.labels(model, "overloaded").inc()
+        raise overloaded(model, backend, backlog, rows, deadline, retry_after_s)

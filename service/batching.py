@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from service.admission import Backlog, overloaded
+from service.admission import Backlog, admit, overloaded
 from service.errors import (
     DeadlineExceededError,
     EngineFailureError,
@@ -149,11 +149,14 @@ class BatchQueue:
     def backlog(self) -> Backlog:
         """When what is queued now should be computed, from the measured batch time (before
         any batch ran: nothing to wait for)."""
-        now = time.monotonic()
         batch_s = self._mean_compute_s or 0.0
-        ahead = max(now, self._expected_done) if self._busy() else now
+        ahead = self._device_free_at(time.monotonic())
         return Backlog(ahead + self._live / self.max_batch_size * batch_s, batch_s,
                        self.max_batch_size)  # fmt: skip
+
+    def _device_free_at(self, now: float) -> float:
+        """When the batch on the device should be done (now, with none there)."""
+        return max(now, self._expected_done) if self._busy() else now
 
     async def in_engine_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(*args)` in the thread that runs this queue's batches (engine warm-up)."""
@@ -183,8 +186,8 @@ class BatchQueue:
                 f"and holds at most {self.max_queue_size}; retry later",
                 self._retry_after_s,
             )
+        self.admit(rows, deadline)
         now = time.monotonic()
-        self.admit(rows, deadline, now)
         loop = asyncio.get_running_loop()
         pending = [_Pending(row, loop.create_future(), deadline, now) for row in batch]
         self._items.extend(pending)
@@ -196,7 +199,7 @@ class BatchQueue:
             self._filled.set()
         futures = [item.future for item in pending]
         try:
-            async with asyncio.timeout_at(_loop_time(loop, deadline)):
+            async with asyncio.timeout_at(loop_time(loop, deadline)):
                 results = await asyncio.gather(*futures)
         except TimeoutError:
             self._abandon(pending)
@@ -228,13 +231,11 @@ class BatchQueue:
             timeline.finished = max(item.finished_at for item in pending)
         return np.stack(results)
 
-    def admit(self, rows: int, deadline: float, now: float) -> None:
+    def admit(self, rows: int, deadline: float) -> None:
         """Refuse `rows` (OverloadedError, 429) when the queue ahead of them would take them past
         `deadline`: computing them would only waste a batch on an answer nobody reads."""
-        backlog = self.backlog()
-        if not backlog.admits(rows, deadline, now):
-            self._metrics.rejected.labels(self.model, "overloaded").inc()
-            raise overloaded(self.model, self.backend, backlog, rows, deadline, self._retry_after_s)
+        admit(self.backlog(), self.model, self.backend, rows, deadline, self._retry_after_s,
+              self._metrics.rejected)  # fmt: skip
 
     def _abandon(self, pending: list[_Pending]) -> None:
         """The caller stopped waiting: its queued rows stop counting now (the queue's room,
@@ -268,7 +269,7 @@ class BatchQueue:
         # A row that cannot be back before its deadline is not computed: its batch time would
         # be spent on an answer nobody reads. Its deadline has not passed yet, so it is shed
         # as overload (429, retry), like a request refused at admission.
-        begins = max(now, self._expected_done) if self._busy() else now
+        begins = self._device_free_at(now)
         batch_s = self._mean_compute_s or 0.0
         finish = begins + batch_s * (1.0 + FINISH_SLACK)
         while self._items and len(batch) < self.max_batch_size:
@@ -470,7 +471,7 @@ class BatchQueue:
         self._collector.shutdown(wait=False, cancel_futures=True)
 
 
-def _loop_time(loop: asyncio.AbstractEventLoop, deadline: float) -> float:
+def loop_time(loop: asyncio.AbstractEventLoop, deadline: float) -> float:
     """A time.monotonic() deadline on the loop's clock (the same clock on CPython, but do not
     rely on it)."""
     return loop.time() + (deadline - time.monotonic())

@@ -142,6 +142,9 @@ class LocalDispatcher(Dispatcher):
         self._factory = engine_factory
         self.batchers: dict[tuple[str, str], BatchQueue] = {}
         self.models: dict[str, ModelDescription] = {}
+        # Models being unloaded: no longer served to new requests, but their batchers still
+        # take what a worker admitted before it heard of the unload (see unload).
+        self._unloading: dict[str, ModelDescription] = {}
         self._memory_task: asyncio.Task[None] | None = None
         self._repository_lock = asyncio.Lock()  # one load or unload at a time
         # Checked before a model loads: can every HTTP worker's slots hold its rows? (The
@@ -199,6 +202,10 @@ class LocalDispatcher(Dispatcher):
         self.models[name] = desc
         metrics.model_ready.labels(name).set(1)
 
+    def description(self, name: str) -> ModelDescription | None:
+        """A model that takes rows: served, or being unloaded while its queues drain."""
+        return self.models.get(name) or self._unloading.get(name)
+
     def _announce(self) -> None:
         if self.on_models is not None:
             self.on_models(dict(self.models))
@@ -240,13 +247,15 @@ class LocalDispatcher(Dispatcher):
             if name not in self.models:
                 served = ", ".join(self.models) or "none"
                 raise ModelNotFoundError(f"model {name!r} is not loaded; loaded: {served}")
-            del self.models[name]
+            self._unloading[name] = self.models.pop(name)
             self._announce()  # the workers stop admitting it before its queues drain
+            # The batchers stay registered while they drain: a request a worker admitted just
+            # before the news still reaches the queue and is answered, not refused 404.
             for key in [k for k in self.batchers if k[0] == name]:
-                batcher = self.batchers.pop(key)
-                if not await batcher.drain(self.settings.drain_timeout_s):
+                if not await self.batchers[key].drain(self.settings.drain_timeout_s):
                     log.warning("unload %s/%s: drain timeout, failing what is left", *key)
-                await batcher.close()
+                await self.batchers.pop(key).close()
+            del self._unloading[name]
             self.metrics.model_ready.labels(name).set(0)
             assert self.engine is not None
             await asyncio.to_thread(self.engine.unload_model, name)
@@ -269,7 +278,7 @@ class LocalDispatcher(Dispatcher):
     def admit(self, model: str, backend: str, rows: int, deadline: float) -> None:
         batcher = self.batchers.get((model, backend))
         if batcher is not None:
-            batcher.admit(rows, deadline, time.monotonic())
+            batcher.admit(rows, deadline)
 
     def backlog(self, model: str, backend: str) -> Backlog | None:
         """The batcher's backlog, for the answers to an HTTP worker (see Backlog)."""

@@ -17,6 +17,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect
 
 from service.api.deps import BACKEND_SCOPE_KEY, too_large
+from service.errors import ServiceError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -38,10 +39,6 @@ def _inference_route(path: str) -> tuple[str, str] | None:
     return None
 
 
-# How long a refused request's body is still read after its answer was sent: closing a
-# socket with unread data makes the kernel send a reset, which can destroy the answer before
-# the client reads it; reading the rest (or some of it, from a slow client) lets it arrive.
-LINGER_S = 0.5
 CLIENT_CLOSED = 499  # nginx's code: the client left before the answer
 
 
@@ -53,26 +50,12 @@ async def _send_json(send: Send, status: int, payload: dict[str, Any], headers: 
     await send({"type": "http.response.body", "body": body})
 
 
-async def _answer_then_discard_body(
-    send: Send, receive: Receive, status: int, payload: dict[str, Any], headers: dict[str, str]
-) -> None:
-    """Answer in full, then read (and drop) what is left of the request body for a moment
-    before the response ends and the server closes the connection (it says close)."""
-    body = json.dumps(payload).encode()
-    raw_headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-    raw_headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": body, "more_body": True})
-    try:
-        async with asyncio.timeout(LINGER_S):
-            while True:
-                message = await receive()
-                if message["type"] != "http.request" or not message.get("more_body"):
-                    break
-    except TimeoutError:
-        pass
-    await send({"type": "http.response.body", "body": b""})
+async def _refuse(send: Send, error: ServiceError) -> None:
+    """A 503 that closes the connection (the drain). The body the client may still be sending
+    is read and dropped by the HTTP protocol's lingering close (service/core/http_protocol.py),
+    so the close never resets the answer."""
+    headers = {**error.headers, "Connection": "close"}
+    await _send_json(send, error.status_code, {"error": error.message}, headers)
 
 
 def _requests_of(app: Any) -> set[asyncio.Timeout]:
@@ -146,8 +129,7 @@ class ServiceMiddleware:
             if state.draining:
                 # Decided at admission: requests already inside finish, new ones are refused.
                 error = state.refuse_while_draining(route[1])
-                payload = {"error": error.message}
-                await _answer_then_discard_body(send_tracking, receive, 503, payload, error.headers)
+                await _refuse(send_tracking, error)
                 return
             async with state.tracked():  # a drain waits for these
                 await self._run_until_aborted(scope, receive_tracking, send_tracking, status)
@@ -185,8 +167,7 @@ class ServiceMiddleware:
             if status["started"]:
                 return  # too late for another answer; the connection closes unfinished
             error = state.refuse_while_draining(_inference_route(scope["path"])[1])
-            payload = {"error": error.message}
-            await _answer_then_discard_body(send, receive, 503, payload, error.headers)
+            await _refuse(send, error)
         finally:
             running.discard(deadline)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from service.batching import Timeline
+from service.batching import Timeline, loop_time
 from service.config import Settings
 from service.dispatch import BatchTotals, Dispatcher
 from service.engine.manifest import list_manifests
@@ -299,7 +299,7 @@ class ServiceState:
         the request is answered at the deadline and its rows never reach a batch)."""
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout_at(loop.time() + (deadline - time.monotonic())):
+            async with asyncio.timeout_at(loop_time(loop, deadline)):
                 return await self.preprocessor.images_to_batch(
                     model.name, images, model.preprocessing
                 )

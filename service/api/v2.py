@@ -31,6 +31,7 @@ from service.api.v2_codec import (
     TENSOR_INPUT,
     encode_infer_response,
     parse_infer_request,
+    split_body,
 )
 from service.engine.protocol import ModelDescription
 from service.errors import NotReadyError, UnsupportedMediaTypeError
@@ -174,22 +175,16 @@ async def infer(request: Request, model: str, version: str | None = None) -> Res
     started = time.perf_counter()
     body = await read_body(request)
     received = time.perf_counter()
-    header_length = request.headers.get("inference-header-content-length")
+    header, binary = split_body(body, request.headers.get("inference-header-content-length"))
     parse = functools.partial(
-        parse_infer_request,
-        body,
-        header_length,
-        desc.input_shape,
-        state.settings.max_images_per_request,
+        parse_infer_request, header, binary, desc.input_shape, state.settings.max_images_per_request
     )
     # Large JSON is decoded in a thread, so that the event loop goes on answering (health
     # probes above all) meanwhile: the decoder and numpy's number parser leave the GIL free
     # most of the time. Small JSON, and binary tensors beside it, are decoded in place,
     # quicker than the hand-off.
-    declared = header_length or ""
-    json_bytes = int(declared) if declared.isascii() and declared.isdigit() else len(body)
-    parsed = await run_in_threadpool(parse) if json_bytes > _PARSE_INLINE_BYTES else parse()
-    del body, parse  # the tensor is parsed out of it: free it before the round trip
+    parsed = await run_in_threadpool(parse) if len(header) > _PARSE_INLINE_BYTES else parse()
+    del body, header, binary, parse  # the tensor is parsed out of them: free them now
     backend = state.resolve_backend(desc, parsed.backend)
     set_backend_label(request, backend)
     state.observe_stage(desc.name, backend, "receive", received - started)

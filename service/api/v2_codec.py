@@ -75,7 +75,8 @@ def request_parameter(
     return value
 
 
-def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes | memoryview]:
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes | memoryview]:
+    """The JSON document and the binary data after it (Inference-Header-Content-Length)."""
     if header_length is None:
         return body, b""
     try:
@@ -213,14 +214,14 @@ def requested_outputs(
 
 
 def parse_infer_request(
-    body: bytes,
-    header_length: str | None,
+    header: bytes,
+    binary: bytes | memoryview,
     chw: tuple[int, int, int],
     max_rows: int | None = None,
 ) -> InferRequest:
-    """Decode a V2 infer request for a model whose tensor input is [N, *chw]; more than
-    `max_rows` rows (images) are refused before their data is decoded."""
-    header, binary = _split_body(body, header_length)
+    """Decode a V2 infer request (its JSON `header` and the `binary` data after it, from
+    split_body) for a model whose tensor input is [N, *chw]; more than `max_rows` rows
+    (images) are refused before their data is decoded."""
     request = parse_json(header)
     params = request.parameters
     backend = request_parameter(params, "backend", str, "request")

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from service.admission import Backlog, overloaded
-from service.batching import Timeline
+from service.admission import Backlog, admit
+from service.batching import Timeline, loop_time
 from service.config import Settings
 from service.core.arena import SlotArena
 from service.core.messages import rebuild_error
@@ -123,7 +123,7 @@ class RemoteDispatcher(Dispatcher):
         lengths = [len(row) for row in rows] if rows[0].ndim == 1 else None
         self._send(("infer", request_id, model, backend, slots, dtype, deadline, lengths))
         try:
-            async with asyncio.timeout_at(_loop_time(self._loop, deadline + ENGINE_GRACE_S)):
+            async with asyncio.timeout_at(loop_time(self._loop, deadline + ENGINE_GRACE_S)):
                 return await asyncio.shield(call.future)
         except TimeoutError:
             self._send(("cancel", request_id))
@@ -140,16 +140,11 @@ class RemoteDispatcher(Dispatcher):
         backlog = self._backlogs.get((model, backend))
         if backlog is None:
             return
-        now = time.monotonic()
-        if not backlog.admits(rows, deadline, now):
-            self.metrics.rejected.labels(model, "overloaded").inc()
-            raise overloaded(model, backend, backlog, rows, deadline, self.settings.retry_after_s)
+        admit(backlog, model, backend, rows, deadline, self.settings.retry_after_s,
+              self.metrics.rejected)  # fmt: skip
         # Until the next report, count what this worker just admitted into the backlog, so
         # that a burst between two answers is not all admitted on one stale estimate.
-        ahead = -(-rows // backlog.max_batch) * backlog.batch_s
-        self._backlogs[(model, backend)] = Backlog(
-            max(now, backlog.clear_at) + ahead, backlog.batch_s, backlog.max_batch
-        )
+        self._backlogs[(model, backend)] = backlog.after(rows, time.monotonic())
 
     def row_capacity(self) -> int | None:
         return self._arena.in_bytes if self._arena is not None else 0
@@ -254,10 +249,6 @@ class RemoteDispatcher(Dispatcher):
             if not call.future.done():
                 call.future.set_exception(error)
         self._calls.clear()
-
-
-def _loop_time(loop: asyncio.AbstractEventLoop, deadline: float) -> float:
-    return loop.time() + (deadline - time.monotonic())
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

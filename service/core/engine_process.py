@@ -171,8 +171,8 @@ class _WorkerLink:
         lengths: list[int] | None,
     ) -> None:
         try:
-            desc = self.dispatcher.models.get(model)
-            if desc is None:  # unloaded since the worker admitted the request
+            desc = self.dispatcher.description(model)
+            if desc is None:  # unloaded (and drained) since the worker admitted the request
                 raise ModelNotFoundError(f"model {model!r} is not loaded")
             if self.arena is None:
                 raise EngineFailureError("the worker sent rows before its arena")

@@ -125,8 +125,8 @@ class TuningCache:
         what was there. Only the file that was read: a replica that rebuilt it meanwhile keeps
         its good one."""
         assert self.path is not None
-        aside = self.path.with_name(f"{self.path.name}.bad-{time.strftime('%Y%m%dT%H%M%S')}")
-        aside = aside.with_name(f"{aside.name}-{os.getpid()}")
+        stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        aside = self.path.with_name(f"{self.path.name}.bad-{stamp}")
         try:
             now = os.lstat(self.path)
             if seen is not None and (now.st_ino, now.st_dev) != (seen.st_ino, seen.st_dev):

@@ -9,9 +9,6 @@ when a manifest is loaded (to check the architecture name and read the ImageNet 
     name = "resnet50-uniform90"          # optional; when given it must equal the file name
     version = 2                          # optional (default 1, or the file name's "@N")
 
-A file `<model>@<N>.toml` is version N of <model> (`resnet50-uniform90@2.toml`): the service
-keeps several versions of one model apart by their file names, and serves each under
-`/v2/models/<model>/versions/<N>/...`.
     architecture = "resnet50"            # torchvision builder name, or "efficientnet_lite0"
     description = "..."
     labels = "imagenet"                  # or a text file, one label per line, in this folder
@@ -29,6 +26,10 @@ keeps several versions of one model apart by their file names, and serves each u
     crop = 224
     mean = [123.675, 116.28, 103.53]     # 0-255 units
     std = [58.395, 57.12, 57.375]
+
+A file `<model>@<N>.toml` is version N of <model> (`resnet50-uniform90@2.toml`): the service
+keeps several versions of one model apart by their file names, and serves each under
+`/v2/models/<model>/versions/<N>/...`.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from tests.service.fakes import FAKE_MODEL, FakeEngine, marked_tensor
-from tests.service.servers import ProcessServer
+from tests.service.servers import ProcessServer, wait_in_flight
 from tests.v2_bodies import tensor_body
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -161,7 +161,7 @@ def test_unload_lets_queued_requests_finish(models_dir: Path) -> None:
                    for _ in range(3)]  # fmt: skip
         for thread in threads:
             thread.start()
-        time.sleep(0.2)  # all three queued (one batch of one at a time, 0.5 s each)
+        wait_in_flight(slow, 3)  # all three inside (one batch of one at a time, 0.5 s each)
         started = time.monotonic()
         rest.unload_model(OTHER, headers=auth())
         waited = time.monotonic() - started

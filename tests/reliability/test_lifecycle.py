@@ -19,7 +19,7 @@ import pytest
 
 from service.core.supervisor import WORKER_STOP_GRACE_S
 from tests.service.fakes import FAKE_MODEL, FakeEngine, marked_tensor
-from tests.service.servers import ProcessServer, ThreadServer
+from tests.service.servers import ProcessServer, ThreadServer, wait_in_flight
 from tests.service.test_lifecycle import metric_value
 from tests.v2_bodies import tensor_body
 
@@ -49,15 +49,6 @@ def _outcome(call) -> str:
     return str(response.status_code)
 
 
-def _in_flight(server: ProcessServer, at_least: int) -> None:
-    with server.client() as http:
-        for _ in range(300):
-            if metric_value(http.get("/metrics").text, "escort_inflight_requests") >= at_least:
-                return
-            time.sleep(0.02)
-    raise AssertionError(f"fewer than {at_least} requests in flight")
-
-
 def test_sigterm_under_load_answers_or_refuses_every_attempt() -> None:
     env = _env(ESCORT_WORKERS="2", ESCORT_MAX_BATCH_SIZE="4", ESCORT_DRAIN_TIMEOUT_S="10",
                FAKE_DELAY_S="0.2")  # fmt: skip
@@ -79,7 +70,7 @@ def test_sigterm_under_load_answers_or_refuses_every_attempt() -> None:
 
     with ProcessServer("tests.service.fake_server", env) as server, ThreadPoolExecutor(8) as pool:
         loaders = [pool.submit(load, i % 2 == 0) for i in range(8)]
-        _in_flight(server, 4)
+        wait_in_flight(server, 4)
         time.sleep(1.0)
         signalled.set()
         server.terminate()
@@ -108,7 +99,7 @@ def test_a_second_sigterm_shortens_the_drain_and_answers_every_request() -> None
             pool.submit(_outcome, lambda: http.post(V2, content=BODY, headers=headers))
             for _ in range(8)
         ]
-        _in_flight(server, 8)
+        wait_in_flight(server, 8)
         server.terminate()
         time.sleep(0.5)
         started = time.monotonic()
@@ -139,7 +130,7 @@ def test_the_drain_deadline_answers_a_slow_upload_503_and_exits_on_time() -> Non
     with ProcessServer("tests.service.fake_server", env) as server:
         upload = _slow_upload(server.port, 1_000_000)
         upload.sendall(b'{"inputs": [')
-        _in_flight(server, 1)
+        wait_in_flight(server, 1)
         server.terminate()
         started = time.monotonic()
         answer = b""

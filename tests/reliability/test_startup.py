@@ -77,15 +77,20 @@ def _assert_rebuilt(cache: Path) -> None:
         assert entry["choice"] in ("dense", "sparse")
 
 
+def _cache_in(tmp_path: Path) -> tuple[Path, Path]:
+    """A fresh cache folder, and where the service keeps its tuning cache in it."""
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    return cache_dir, cache_dir / "autotune.json"
+
+
 # --- the tuning cache, in a real server ----------------------------------------------------
 
 
 def test_a_tuning_cache_of_the_wrong_shape_is_set_aside_and_rebuilt(
     tmp_path: Path, models_dir: Path
 ) -> None:
-    cache_dir = tmp_path / "cache"
-    cache_dir.mkdir()
-    cache = cache_dir / "autotune.json"
+    cache_dir, cache = _cache_in(tmp_path)
     bad = json.dumps({"format": CACHE_FORMAT, "entries": [1, 2]})
     cache.write_text(bad)
     env = _env(models_dir, cache_dir)
@@ -103,9 +108,7 @@ def test_a_tuning_cache_of_the_wrong_shape_is_set_aside_and_rebuilt(
 def test_a_fifo_in_place_of_the_tuning_cache_does_not_hang_start_up(
     tmp_path: Path, models_dir: Path
 ) -> None:
-    cache_dir = tmp_path / "cache"
-    cache_dir.mkdir()
-    cache = cache_dir / "autotune.json"
+    cache_dir, cache = _cache_in(tmp_path)
     os.mkfifo(cache)  # nobody ever writes it: a blocking open would wait forever
     env = _env(models_dir, cache_dir)
     with ProcessServer("service.app", env, ready_timeout_s=READY_TIMEOUT_S) as server:

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.config import Settings
@@ -195,3 +196,22 @@ class ProcessServer:
             self.proc.kill()
             self.proc.wait(timeout=30)
         self.log.close()
+
+
+def wait_in_flight(server: ProcessServer, at_least: int, timeout_s: float = 6.0) -> None:
+    """Until the server counts `at_least` inference requests in flight (its workers' routes
+    have them), so that a test acts only once they have truly arrived."""
+    deadline = time.monotonic() + timeout_s
+    with server.client() as http:
+        while time.monotonic() < deadline:
+            text = http.get("/metrics").text
+            inflight = sum(
+                sample.value
+                for family in text_string_to_metric_families(text)
+                if family.name == "escort_inflight_requests"
+                for sample in family.samples
+            )
+            if inflight >= at_least:
+                return
+            time.sleep(0.02)
+    raise AssertionError(f"fewer than {at_least} requests in flight after {timeout_s} s")

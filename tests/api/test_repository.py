@@ -18,7 +18,7 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from tests.service.fakes import FAKE_MODEL, FakeEngine, marked_tensor
-from tests.service.servers import ProcessServer, wait_in_flight
+from tests.service.servers import ProcessServer, wait_metric
 from tests.v2_bodies import tensor_body
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,7 +153,7 @@ def test_off_by_default(models_dir: Path) -> None:
 
 
 def test_unload_lets_queued_requests_finish(models_dir: Path) -> None:
-    env = _env(models_dir, ESCORT_WORKERS="2", FAKE_DELAY_S="0.5", ESCORT_MAX_BATCH_SIZE="1")
+    env = _env(models_dir, ESCORT_WORKERS="2", FAKE_DELAY_S="1.0", ESCORT_MAX_BATCH_SIZE="1")
     with ProcessServer("tests.service.fake_server", env) as slow, _rest(slow) as rest:
         rest.load_model(OTHER, headers=auth())
         codes: list[int] = []
@@ -161,14 +161,15 @@ def test_unload_lets_queued_requests_finish(models_dir: Path) -> None:
                    for _ in range(3)]  # fmt: skip
         for thread in threads:
             thread.start()
-        wait_in_flight(slow, 3)  # all three inside (one batch of one at a time, 0.5 s each)
+        # All three in the engine: one in its batch (of one, 1 s), two queued behind it.
+        wait_metric(slow, "escort_queue_depth", 2, model=OTHER)
         started = time.monotonic()
         rest.unload_model(OTHER, headers=auth())
         waited = time.monotonic() - started
         for thread in threads:
             thread.join(30)
         assert codes == [200, 200, 200]
-        assert waited >= 0.8  # the unload waited for the queue: three batches of 0.5 s
+        assert waited >= 0.8  # the unload waited for the queue: the batches of 1 s behind it
         assert _infer_status(slow, OTHER) == 404
 
 

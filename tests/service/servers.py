@@ -198,20 +198,27 @@ class ProcessServer:
         self.log.close()
 
 
-def wait_in_flight(server: ProcessServer, at_least: int, timeout_s: float = 6.0) -> None:
-    """Until the server counts `at_least` inference requests in flight (its workers' routes
-    have them), so that a test acts only once they have truly arrived."""
+def wait_metric(
+    server: ProcessServer, name: str, at_least: float, timeout_s: float = 6.0, **labels: str
+) -> None:
+    """Until the server's /metrics sum of `name` (its samples with `labels`) reaches
+    `at_least`, so that a test acts only once requests have truly arrived where it needs them."""
     deadline = time.monotonic() + timeout_s
     with server.client() as http:
         while time.monotonic() < deadline:
-            text = http.get("/metrics").text
-            inflight = sum(
+            value = sum(
                 sample.value
-                for family in text_string_to_metric_families(text)
-                if family.name == "escort_inflight_requests"
+                for family in text_string_to_metric_families(http.get("/metrics").text)
                 for sample in family.samples
+                if sample.name == name and labels.items() <= sample.labels.items()
             )
-            if inflight >= at_least:
+            if value >= at_least:
                 return
             time.sleep(0.02)
-    raise AssertionError(f"fewer than {at_least} requests in flight after {timeout_s} s")
+    raise AssertionError(f"{name}{labels} under {at_least} after {timeout_s} s")
+
+
+def wait_in_flight(server: ProcessServer, at_least: int, timeout_s: float = 6.0) -> None:
+    """Until the server counts `at_least` inference requests in flight (its workers' routes
+    have them)."""
+    wait_metric(server, "escort_inflight_requests", at_least, timeout_s)

@@ -1,0 +1,103 @@
+"""What a batch's host-to-device copy costs, by part: the host's enqueueing and the DMA.
+
+    python -m bench.h2d_probe [--rows 8,19,32] [--out h2d.json]
+
+Rows of one 224 px FP32 image (602,112 bytes) in a page-locked shared-memory buffer, as the
+engine sees the HTTP workers' arenas. For each batch size: one cudaMemcpyAsync per row (what
+`copy_rows` does), one copy of the rows when they are adjacent (coalesced), and the per-row
+copies again while another Python thread keeps the GIL busy (the engine process's event loop).
+Host time is the enqueueing (perf_counter around the calls); device time is between CUDA
+events recorded before and after on the copy stream. A CUDA machine only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from multiprocessing import shared_memory
+
+import numpy as np
+import torch
+from cupy.cuda import runtime as cudart
+
+ROW = 3 * 224 * 224 * 4
+
+
+def _time(stream: torch.cuda.Stream, enqueue, repeats: int) -> dict[str, float]:
+    host, device = [], []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        with torch.cuda.stream(stream):
+            t0 = time.perf_counter()
+            start.record(stream)
+            enqueue()
+            end.record(stream)
+            host.append((time.perf_counter() - t0) * 1e3)
+        end.synchronize()
+        device.append(start.elapsed_time(end))
+    return {"host_ms": statistics.median(host), "device_ms": statistics.median(device),
+            "device_p90_ms": sorted(device)[int(0.9 * len(device))]}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="8,19,32")
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    sizes = [int(r) for r in args.rows.split(",")]
+    slots = max(sizes)
+    shm = shared_memory.SharedMemory(create=True, size=slots * ROW)
+    host = np.frombuffer(shm.buf, dtype=np.uint8)
+    host[:] = 1
+    base = int(host.ctypes.data)
+    err = torch.cuda.cudart().cudaHostRegister(base, slots * ROW, 0)
+    assert int(err) == 0, err
+    stage = torch.empty(slots * ROW, dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.Stream()
+    kind, handle, dst = cudart.memcpyHostToDevice, stream.cuda_stream, stage.data_ptr()
+
+    def per_row(n):
+        return lambda: [cudart.memcpyAsync(dst + i * ROW, base + i * ROW, ROW, kind, handle)
+                        for i in range(n)]  # fmt: skip
+
+    def coalesced(n):
+        return lambda: cudart.memcpyAsync(dst, base, n * ROW, kind, handle)
+
+    results: dict[str, dict] = {}
+    for n in sizes:
+        per_row(n)()  # warm
+        results[f"per_row_{n}"] = _time(stream, per_row(n), args.repeats)
+        results[f"coalesced_{n}"] = _time(stream, coalesced(n), args.repeats)
+    stop = threading.Event()
+
+    def busy() -> None:  # pure-Python work: holds the GIL but for the switch interval
+        x = 0
+        while not stop.is_set():
+            for i in range(1000):
+                x += i
+
+    thread = threading.Thread(target=busy, daemon=True)
+    thread.start()
+    for n in sizes:
+        results[f"per_row_gil_busy_{n}"] = _time(stream, per_row(n), args.repeats)
+        results[f"coalesced_gil_busy_{n}"] = _time(stream, coalesced(n), args.repeats)
+    stop.set()
+    thread.join()
+    torch.cuda.cudart().cudaHostUnregister(base)
+    shm.close()
+    shm.unlink()
+    for name, r in results.items():
+        print(f"{name:24s} host {r['host_ms']:.3f} ms  device {r['device_ms']:.3f} ms "
+              f"(p90 {r['device_p90_ms']:.3f})")  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"row_bytes": ROW, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -88,15 +88,16 @@ def main() -> None:
         results[f"coalesced_gil_busy_{n}"] = _time(stream, coalesced(n), args.repeats)
     stop.set()
     thread.join()
-    torch.cuda.cudart().cudaHostUnregister(base)
-    shm.close()
-    shm.unlink()
     for name, r in results.items():
         print(f"{name:24s} host {r['host_ms']:.3f} ms  device {r['device_ms']:.3f} ms "
               f"(p90 {r['device_p90_ms']:.3f})")  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"row_bytes": ROW, "results": results}, f, indent=1)
+    torch.cuda.cudart().cudaHostUnregister(base)
+    del host  # the view holds the mapping open
+    shm.close()
+    shm.unlink()
 
 
 if __name__ == "__main__":

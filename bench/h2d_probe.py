@@ -5,7 +5,9 @@
 Rows of one 224 px FP32 image (602,112 bytes) in a page-locked shared-memory buffer, as the
 engine sees the HTTP workers' arenas. For each batch size: one cudaMemcpyAsync per row (what
 `copy_rows` does), one copy of the rows when they are adjacent (coalesced), and the per-row
-copies again while another Python thread keeps the GIL busy (the engine process's event loop).
+copies again while another Python thread keeps the GIL busy (the engine process's event loop),
+and the engine's own `copy_rows` (driver calls that keep the GIL; adjacent rows coalesced) on
+rows in reversed order (no two adjacent) and in order, with the GIL busy.
 Host time is the enqueueing (perf_counter around the calls); device time is between CUDA
 events recorded before and after on the copy stream. A CUDA machine only.
 """
@@ -22,6 +24,8 @@ from multiprocessing import shared_memory
 import numpy as np
 import torch
 from cupy.cuda import runtime as cudart
+
+from service.engine.hostcopy import copy_rows
 
 ROW = 3 * 224 * 224 * 4
 
@@ -73,6 +77,19 @@ def main() -> None:
         per_row(n)()  # warm
         results[f"per_row_{n}"] = _time(stream, per_row(n), args.repeats)
         results[f"coalesced_{n}"] = _time(stream, coalesced(n), args.repeats)
+    rows = [host[i * ROW : (i + 1) * ROW].view(np.float32) for i in range(slots)]
+    stage_rows = stage.view(torch.float32).view(slots, ROW // 4)
+
+    def engine_path(n, order):
+        picked = [rows[i] for i in order(n)]
+        return lambda: copy_rows(stage_rows, picked, range(n), stream)
+
+    def reversed_order(n):
+        return list(range(n))[::-1]
+
+    def in_order(n):
+        return list(range(n))
+
     stop = threading.Event()
 
     def busy() -> None:  # pure-Python work: holds the GIL but for the switch interval
@@ -86,16 +103,23 @@ def main() -> None:
     for n in sizes:
         results[f"per_row_gil_busy_{n}"] = _time(stream, per_row(n), args.repeats)
         results[f"coalesced_gil_busy_{n}"] = _time(stream, coalesced(n), args.repeats)
+        results[f"copy_rows_scattered_gil_busy_{n}"] = _time(
+            stream, engine_path(n, reversed_order), args.repeats
+        )
+        results[f"copy_rows_adjacent_gil_busy_{n}"] = _time(
+            stream, engine_path(n, in_order), args.repeats
+        )
     stop.set()
     thread.join()
     for name, r in results.items():
-        print(f"{name:24s} host {r['host_ms']:.3f} ms  device {r['device_ms']:.3f} ms "
+        print(f"{name:34s} host {r['host_ms']:.3f} ms  device {r['device_ms']:.3f} ms "
               f"(p90 {r['device_p90_ms']:.3f})")  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"row_bytes": ROW, "results": results}, f, indent=1)
     torch.cuda.cudart().cudaHostUnregister(base)
-    del host  # the view holds the mapping open
+    rows.clear()  # the views hold the mapping open
+    del host
     shm.close()
     shm.unlink()
 

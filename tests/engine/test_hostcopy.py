@@ -1,10 +1,12 @@
-"""PinnedRanges: which rows lie in memory the engine registered (pure arithmetic, no GPU)."""
+"""PinnedRanges and the copy runs: which rows lie in registered memory, and which go as one
+copy (pure arithmetic, no GPU)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from service.engine.hostcopy import PinnedRanges
+from service.engine.hostcopy import PinnedRanges, runs
 
 
 def test_a_row_is_held_only_inside_one_registered_range() -> None:
@@ -28,3 +30,28 @@ def test_a_row_is_held_only_inside_one_registered_range() -> None:
     ranges.remove(arena.ctypes.data)
     assert not ranges.holds(arena[3]) and ranges.holds(other[1])
     ranges.remove(12345)  # not registered: nothing happens
+
+
+def test_rows_adjacent_in_memory_and_in_the_batch_go_as_one_copy() -> None:
+    arena = np.zeros((8, 3, 4, 4), dtype=np.float32)
+    size = arena[0].nbytes
+    base = arena.ctypes.data
+    # Batch positions 0-2 hold slots 2, 3, 4 (one run); 3 holds slot 0; 4-5 hold slots 6, 7.
+    rows = [arena[2], arena[3], arena[4], arena[0], arena[6], arena[7]]
+    assert runs(rows, range(6), size) == [
+        (0, base + 2 * size, 3),
+        (3, base, 1),
+        (4, base + 6 * size, 2),
+    ]
+    # Adjacent slots that are not consecutive in the batch stay apart: a skipped index breaks
+    # the run, and so does reversed order.
+    assert runs(rows, [0, 2], size) == [(0, base + 2 * size, 1), (2, base + 4 * size, 1)]
+    backwards = [arena[3], arena[2]]
+    assert [r[2] for r in runs(backwards, range(2), size)] == [1, 1]
+    assert runs(rows, [], size) == []
+
+
+def test_a_row_of_another_size_is_refused() -> None:
+    arena = np.zeros((2, 3, 4, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match="row 1 has"):
+        runs([arena[0], arena[1, :2]], range(2), arena[0].nbytes)

@@ -90,6 +90,14 @@ def main() -> None:
     def in_order(n):
         return list(range(n))
 
+    for i, row in enumerate(rows):  # check the engine path lands each row where it belongs
+        row[:] = i
+    for order in (reversed_order, in_order):
+        engine_path(slots, order)()
+        torch.cuda.synchronize()
+        landed = stage_rows[:, ::4096].cpu().numpy()
+        assert (landed == np.array(order(slots), dtype=np.float32)[:, None]).all(), order
+
     stop = threading.Event()
 
     def busy() -> None:  # pure-Python work: holds the GIL but for the switch interval

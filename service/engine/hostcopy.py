@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import math
 import threading
 from collections.abc import Sequence
 
@@ -105,7 +106,8 @@ def copy_rows(
     is page-locked, C-contiguous and of stage's dtype and row shape."""
     if not indices:
         return
-    row_bytes = stage[0].numel() * stage.element_size()
+    # Shape arithmetic, not `stage[0]`: a torch op gives the GIL up (and waits to get it back).
+    row_bytes = math.prod(stage.shape[1:]) * stage.element_size()
     if _memcpy_htod is None and _cudart is None:
         for i in indices:
             stage[i].copy_(torch.from_numpy(rows[i]), non_blocking=True)

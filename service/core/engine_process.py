@@ -178,6 +178,8 @@ class _WorkerLink:
                 raise EngineFailureError("the worker sent rows before its arena")
             shapes = [(n,) for n in lengths] if lengths else [desc.input_shape] * len(slots)
             rows = [self.arena.row(s, dtype, shape) for s, shape in zip(slots, shapes, strict=True)]
+            if self.pinned:  # their copies to the device start now, not when the batch does
+                self.dispatcher.engine.prefetch_rows(rows)
             timeline = Timeline()
             outputs = await self.dispatcher.submit(model, backend, rows, deadline, timeline)
             del rows  # views into the arena: none may outlive the answer

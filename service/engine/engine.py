@@ -28,7 +28,7 @@ from service.engine.errors import (
     UnknownBackendError,
     UnknownModelError,
 )
-from service.engine.hostcopy import PinnedRanges
+from service.engine.hostcopy import DeviceMirror, PinnedRanges
 from service.engine.protocol import (
     BACKENDS,
     PRECISIONS,
@@ -204,6 +204,12 @@ class TorchEngine(Engine):
             torch.backends.cudnn.benchmark = True
         self._runners: dict[str, dict[str, Runner]] = {}
         self._pinned = PinnedRanges()  # the arenas pin_host_memory registered
+        # Device copies of those arenas, filled as requests arrive (prefetch_rows).
+        self._mirror = (
+            DeviceMirror(self.device)
+            if self.device.type == "cuda" and DeviceMirror.available()
+            else None
+        )
         self._descriptions: dict[str, ModelDescription] = {}
         cache = TuningCache(Path(spec.cache_dir) / "autotune.json")
         # Kept for load_model: a model loaded at run time is built as the first ones were.
@@ -273,6 +279,7 @@ class TorchEngine(Engine):
                 stage_observer=self._stage_observer,
             )
             runner.pinned = self._pinned
+            runner.mirror = self._mirror
             runners[backend] = runner
             runner.warm()
             if runner.num_classes != len(source.labels):
@@ -361,10 +368,21 @@ class TorchEngine(Engine):
             log.warning("cudaHostRegister of %d bytes failed (%s): rows are staged", size, err)
             return False
         self._pinned.add(address, size)
+        if self._mirror is not None:
+            try:
+                self._mirror.add(address, size)
+            except RuntimeError as exc:  # out of device memory: its rows cross at launch
+                log.warning("no device copy of a %d MiB arena (%s)", size >> 20, exc)
         return True
+
+    def prefetch_rows(self, rows: Sequence[np.ndarray]) -> None:
+        if self._mirror is not None:
+            self._mirror.push(rows)
 
     def unpin_host_memory(self, address: int) -> None:
         if self.device.type == "cuda":
+            if self._mirror is not None:
+                self._mirror.remove(address)
             self._pinned.remove(address)
             with torch.cuda.device(self.device):
                 torch.cuda.cudart().cudaHostUnregister(address)

@@ -109,6 +109,10 @@ class Engine(ABC):
     def unpin_host_memory(self, address: int) -> None:  # noqa: B027 - optional hook
         """Undo `pin_host_memory` before the memory goes away."""
 
+    def prefetch_rows(self, rows: Sequence[np.ndarray]) -> None:  # noqa: B027 - optional hook
+        """Rows just written into pinned memory, ahead of their batch: a GPU engine starts
+        their copies to the device now, while earlier batches run."""
+
     def memory_stats(self) -> Mapping[str, Mapping[str, float]]:
         """{device: {"allocated": bytes, "reserved": bytes, "total": bytes}}; empty on CPU."""
         return {}

@@ -26,7 +26,7 @@ from service.engine.assemble import BuiltModel
 from service.engine.backends import set_precision_flags
 from service.engine.decode import decode_rows, is_encoded
 from service.engine.errors import BadBatchError
-from service.engine.hostcopy import PinnedRanges, copy_rows
+from service.engine.hostcopy import DeviceMirror, PinnedRanges, copy_rows
 from service.engine.profiler import (
     CapturedLayers,
     LayerProfiler,
@@ -81,6 +81,7 @@ class Runner:
         self.stage_observer = stage_observer
         # Host ranges the engine page-locked (its arenas), shared by its runners.
         self.pinned: PinnedRanges | None = None
+        self.mirror: DeviceMirror | None = None  # device copies of those rows, when pushed
         self.built = built
         # Set when rows may be encoded JPEG photos to decode here (ESCORT_IMAGE_DECODE=engine).
         self.preprocessing = preprocessing
@@ -434,7 +435,7 @@ class Runner:
             only = next(iter(dtypes)) if len(dtypes) == 1 else np.dtype(np.float32)
             stage = self._device_stage(slot, only)
             same = [i for i in floats if batch[i].dtype == only]
-            copy_rows(stage, batch, same, self.copy_stream)
+            copy_rows(stage, batch, same, self.copy_stream, self.mirror)
             for i in floats:
                 if batch[i].dtype != only:  # a mixed batch: cast this row on the host
                     stage[i].copy_(torch.from_numpy(batch[i]).to(stage.dtype))

@@ -39,13 +39,16 @@ def test_rows_adjacent_in_memory_and_in_the_batch_go_as_one_copy() -> None:
     # Batch positions 0-2 hold slots 2, 3, 4 (one run); 3 holds slot 0; 4-5 hold slots 6, 7.
     rows = [arena[2], arena[3], arena[4], arena[0], arena[6], arena[7]]
     assert runs(rows, range(6), size) == [
-        (0, base + 2 * size, 3),
-        (3, base, 1),
-        (4, base + 6 * size, 2),
+        (0, base + 2 * size, 3, False),
+        (3, base, 1, False),
+        (4, base + 6 * size, 2, False),
     ]
     # Adjacent slots that are not consecutive in the batch stay apart: a skipped index breaks
     # the run, and so does reversed order.
-    assert runs(rows, [0, 2], size) == [(0, base + 2 * size, 1), (2, base + 4 * size, 1)]
+    assert runs(rows, [0, 2], size) == [
+        (0, base + 2 * size, 1, False),
+        (2, base + 4 * size, 1, False),
+    ]
     backwards = [arena[3], arena[2]]
     assert [r[2] for r in runs(backwards, range(2), size)] == [1, 1]
     assert runs(rows, [], size) == []
@@ -55,3 +58,19 @@ def test_a_row_of_another_size_is_refused() -> None:
     arena = np.zeros((2, 3, 4, 4), dtype=np.float32)
     with pytest.raises(ValueError, match="row 1 has"):
         runs([arena[0], arena[1, :2]], range(2), arena[0].nbytes)
+
+
+def test_rows_a_mirror_holds_go_from_the_device_and_runs_never_mix_sides() -> None:
+    arena = np.zeros((4, 3, 4, 4), dtype=np.float32)
+    size = arena[0].nbytes
+    rows = [arena[0], arena[1], arena[2], arena[3]]
+    mirror = 1 << 40  # a device buffer's address: the mirror of arena row 0
+    # Rows 0-1 fresh on the device (adjacent there too), row 2 only on the host, row 3 fresh.
+    on_device = [mirror, mirror + size, 0, mirror + 3 * size]
+    assert runs(rows, range(4), size, on_device) == [
+        (0, mirror, 2, True),
+        (2, arena.ctypes.data + 2 * size, 1, False),
+        (3, mirror + 3 * size, 1, True),
+    ]
+    # Nothing fresh: the host path, coalesced as before.
+    assert runs(rows, range(4), size, [0, 0, 0, 0]) == [(0, arena.ctypes.data, 4, False)]

@@ -46,6 +46,48 @@ def test_two_batches_in_flight_answer_like_one_at_a_time() -> None:
     runner.close()
 
 
+def test_rows_pushed_ahead_to_the_device_mirror_answer_like_rows_copied_at_launch() -> None:
+    from service.engine.hostcopy import DeviceMirror, PinnedRanges
+
+    _, prepared = _model("resnet50-uniform90")
+    cuda = torch.device("cuda")
+    sparse = build_backend(prepared, "sparse", cuda, "fp32", buckets=BUCKETS, tune_kernel=False)
+    runner = _runner(sparse, prepared, graphs=True)
+    images = _images("resnet50-uniform90", 24)
+    first, second = images[:12], images[12:]
+    want_first, want_second = runner.infer(first), runner.infer(second)
+    rows, keep = _pinned_rows(first)  # one page-locked buffer standing in for an arena
+    address, size = keep.data_ptr(), keep.numel() * keep.element_size()
+    runner.pinned, runner.mirror = PinnedRanges(), DeviceMirror(cuda)
+    runner.pinned.add(address, size)
+    runner.mirror.add(address, size)
+    # Pushed, then the host rows changed behind the mirror's back (which the engine process
+    # never does): the batch answers for the pushed rows, so it gathered them on the device.
+    runner.mirror.push(rows)
+    runner.mirror.stream.synchronize()  # the copies read the rows before they change
+    for i, row in enumerate(rows):
+        row[...] = second[i]
+    np.testing.assert_allclose(runner.infer_rows(rows), want_first, rtol=1e-5, atol=1e-5)
+    # Taken rows are forgotten: the next batch of the same slots crosses from the host.
+    np.testing.assert_allclose(runner.infer_rows(rows), want_second, rtol=1e-5, atol=1e-5)
+    # Some pushed, some not, in one batch: each row from where it is fresh.
+    for i, row in enumerate(rows):
+        row[...] = first[i]
+    runner.mirror.push(rows[::2])
+    runner.mirror.stream.synchronize()
+    for i, row in enumerate(rows):
+        row[...] = second[i]
+    mixed = want_second.copy()
+    mixed[::2] = want_first[::2]
+    np.testing.assert_allclose(runner.infer_rows(rows), mixed, rtol=1e-5, atol=1e-5)
+    # Pushed as they are: the same as copied at launch.
+    runner.mirror.push(rows)
+    np.testing.assert_allclose(runner.infer_rows(rows), want_second, rtol=1e-5, atol=1e-5)
+    runner.mirror.remove(address)
+    del keep
+    runner.close()
+
+
 def test_fp16_rows_are_cast_on_the_device() -> None:
     _, prepared = _model("resnet50-uniform90")
     cuda = torch.device("cuda")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import logging
 import math
 import threading
 from collections.abc import Sequence
@@ -51,6 +52,7 @@ def _driver_copy(name: str, source: type):
     return fn
 
 
+log = logging.getLogger("escort.hostcopy")
 _memcpy_htod = _driver_copy("cuMemcpyHtoDAsync_v2", ctypes.c_void_p)
 _memcpy_dtod = _driver_copy("cuMemcpyDtoDAsync_v2", ctypes.c_uint64)
 
@@ -106,6 +108,7 @@ class DeviceMirror:
         self._ranges: tuple[tuple[int, ...], tuple[tuple[int, torch.Tensor], ...]] = ((), ())
         self._fresh: dict[int, tuple[int, int]] = {}  # host address -> (bytes, device address)
         self._lock = threading.Lock()  # between writers only
+        self._failed = False  # a push failed (said once in the log)
 
     @staticmethod
     def available() -> bool:
@@ -143,8 +146,13 @@ class DeviceMirror:
                 continue
             device = spans[at][1].data_ptr() + (address - starts[at])
             err = _memcpy_htod(device, address, row.nbytes, handle)
-            if err:
-                raise RuntimeError(f"cuMemcpyHtoDAsync failed with CUresult {err}")
+            if err:  # the row crosses at launch instead; say so once
+                self._fresh.pop(address, None)
+                if not self._failed:
+                    self._failed = True
+                    log.warning("cuMemcpyHtoDAsync to the device mirror failed (CUresult "
+                                "%d): rows are copied when their batch launches", err)  # fmt: skip
+                continue
             self._fresh[address] = (row.nbytes, device)
 
     def sources(self, rows: Sequence[np.ndarray], indices: Sequence[int]) -> list[int]:

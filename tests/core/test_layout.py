@@ -289,3 +289,26 @@ def test_clients_that_leave_free_their_slots() -> None:
             assert response.status_code == 200, response.text
             text = http.get("/metrics").text
         assert total(text, "escort_rejected_total", reason="client_disconnected") >= 1
+
+
+def test_rows_reach_a_pinning_engine_through_prefetch_before_their_batch() -> None:
+    """The engine process hands each request's rows to `Engine.prefetch_rows` as they arrive
+    (a GPU engine starts their copies then); the fake engine fails any batch whose rows it
+    was not handed first."""
+    env = {"ESCORT_MODELS": FAKE_MODEL, "ESCORT_WORKERS": "2", "ESCORT_WORKER_SLOTS": "8",
+           "FAKE_PIN": "1"}  # fmt: skip
+    reference = FakeEngine()
+    marks = [i / 20 for i in range(24)]
+    with (
+        ProcessServer("tests.service.fake_server", env) as server,
+        server.client() as http,
+        ThreadPoolExecutor(6) as pool,
+    ):
+        responses = list(
+            pool.map(lambda m: http.post(V2, json=tensor_body(marked_tensor(m))), marks)
+        )
+    assert [r.status_code for r in responses] == [200] * len(marks), responses[0].text
+    for mark, response in zip(marks, responses, strict=True):
+        np.testing.assert_allclose(
+            probabilities(response), reference.reference(marked_tensor(mark)), rtol=1e-6
+        )

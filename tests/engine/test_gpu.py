@@ -155,6 +155,39 @@ def test_engine_on_cuda_auto_sparse_dense_profiling_and_card(tmp_path) -> None:
         engine.close()
 
 
+def test_engine_gathers_prefetched_arena_rows_from_its_device_mirror(tmp_path) -> None:
+    """pin_host_memory gives the arena a device mirror, prefetch_rows fills it, and a batch of
+    those rows reads them there: rows changed on the host after their push (which the engine
+    process never does) still answer as pushed, and once taken they cross from the host."""
+    import mmap
+
+    source, _ = _model("resnet50-uniform90")
+    spec = EngineSpec(models=(source.name,), backends=("dense",), device="cuda",
+                      precision="fp32", max_batch_size=8, cache_dir=str(tmp_path))  # fmt: skip
+    engine = TorchEngine(spec, [source], progress=False)
+    images = _images(source.name, 8)
+    want_a = engine.infer(source.name, "dense", images[:4])
+    other = images[4:][::-1].copy()  # other photos in every row, not flips of the same
+    want_b = engine.infer(source.name, "dense", other)
+    memory = mmap.mmap(-1, images[:4].nbytes)  # page-aligned, as an arena is
+    arena = np.frombuffer(memory, dtype=np.float32).reshape(images[:4].shape)
+    rows = [arena[i] for i in range(4)]
+    try:
+        assert engine.pin_host_memory(arena.ctypes.data, arena.nbytes)
+        arena[...] = images[:4]
+        engine.prefetch_rows(rows)
+        torch.cuda.synchronize()  # the pushes read the rows before they change
+        arena[...] = other
+        _check(engine.infer_rows(source.name, "dense", rows), want_a, "gathered from the mirror")
+        _check(engine.infer_rows(source.name, "dense", rows), want_b, "copied from the host")
+        engine.prefetch_rows(rows)
+        _check(engine.infer_rows(source.name, "dense", rows), want_b, "pushed as they are")
+        engine.unpin_host_memory(arena.ctypes.data)
+    finally:
+        del rows, arena
+        engine.close()
+
+
 def test_half_precision_and_tf32_stay_close(tmp_path) -> None:
     _, prepared = _model("resnet50-skimcaffe")
     cuda = torch.device("cuda")

@@ -48,6 +48,7 @@ def engine_spec(settings: Settings) -> EngineSpec:
         models_dir=settings.models_dir,
         cache_dir=settings.cache_dir,
         cuda_graphs=settings.cuda_graphs,
+        device_mirror=settings.device_mirror,
     )
 
 

@@ -155,6 +155,13 @@ class Settings(BaseSettings):
         ".escort-cache", description="Folder for the auto-tuning decisions (autotune.json)."
     )
     cuda_graphs: bool = Field(True, description="Replay batches through CUDA graphs on the GPU.")
+    device_mirror: bool = Field(
+        True,
+        description="On a GPU, keep a device copy of each HTTP worker's image slots (its "
+        "ESCORT_WORKER_SLOTS rows, about 77 MiB per worker at 224 px FP32) and copy each row "
+        "into it as its request reaches the engine, so that a batch gathers its rows on the "
+        "device; false: rows cross the bus when their batch launches.",
+    )
     preprocess_workers: int = Field(
         0, ge=0, le=256, description="Threads that decode and resize images; 0: one per CPU core."
     )

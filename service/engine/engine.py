@@ -207,7 +207,7 @@ class TorchEngine(Engine):
         # Device copies of those arenas, filled as requests arrive (prefetch_rows).
         self._mirror = (
             DeviceMirror(self.device)
-            if self.device.type == "cuda" and DeviceMirror.available()
+            if spec.device_mirror and self.device.type == "cuda" and DeviceMirror.available()
             else None
         )
         self._descriptions: dict[str, ModelDescription] = {}

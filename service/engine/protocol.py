@@ -149,3 +149,4 @@ class EngineSpec:
     models_dir: str = ""  # comma list searched before the shipped manifests
     cache_dir: str = ".escort-cache"  # the auto-tuning decisions (autotune.json)
     cuda_graphs: bool = True
+    device_mirror: bool = True  # device copies of pinned arenas, filled by prefetch_rows

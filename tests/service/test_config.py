@@ -73,7 +73,9 @@ def test_environment_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.log_level == "warning"
     spec = engine_spec(settings)
     assert spec.models == ("a-net", "b.net") and spec.backends == ("sparse", "dense")
-    assert spec.device == "cuda:1"
+    assert spec.device == "cuda:1" and spec.device_mirror
+    monkeypatch.setenv("ESCORT_DEVICE_MIRROR", "false")
+    assert not engine_spec(load_settings()).device_mirror
 
 
 def test_explicit_default_backend_goes_first(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -153,7 +153,9 @@ def test_off_by_default(models_dir: Path) -> None:
 
 
 def test_unload_lets_queued_requests_finish(models_dir: Path) -> None:
-    env = _env(models_dir, ESCORT_WORKERS="2", FAKE_DELAY_S="1.0", ESCORT_MAX_BATCH_SIZE="1")
+    # Batches of 2 s: the three requests have that long to all reach the engine, which a busy
+    # 2-core host needs (with 1 s the third once arrived after the first batch ended).
+    env = _env(models_dir, ESCORT_WORKERS="2", FAKE_DELAY_S="2.0", ESCORT_MAX_BATCH_SIZE="1")
     with ProcessServer("tests.service.fake_server", env) as slow, _rest(slow) as rest:
         rest.load_model(OTHER, headers=auth())
         codes: list[int] = []
@@ -161,7 +163,7 @@ def test_unload_lets_queued_requests_finish(models_dir: Path) -> None:
                    for _ in range(3)]  # fmt: skip
         for thread in threads:
             thread.start()
-        # All three in the engine: one in its batch (of one, 1 s), two queued behind it.
+        # All three in the engine: one in its batch (of one, 2 s), two queued behind it.
         wait_metric(slow, "escort_queue_depth", 2, model=OTHER)
         started = time.monotonic()
         rest.unload_model(OTHER, headers=auth())
@@ -169,7 +171,7 @@ def test_unload_lets_queued_requests_finish(models_dir: Path) -> None:
         for thread in threads:
             thread.join(30)
         assert codes == [200, 200, 200]
-        assert waited >= 0.8  # the unload waited for the queue: the batches of 1 s behind it
+        assert waited >= 1.6  # the unload waited for the queue: the batches of 2 s behind it
         assert _infer_status(slow, OTHER) == 404
 
 

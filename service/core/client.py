@@ -67,6 +67,8 @@ class RemoteDispatcher(Dispatcher):
         self._calls: dict[int, _Call] = {}
         self._arena: SlotArena | None = None
         self._ready: asyncio.Future[dict[str, ModelDescription]] | None = None
+        # The served models as the engine last told them: the "ready" message, then each news.
+        self._latest: dict[str, ModelDescription] = {}
         self._alive = True
         self._loop: asyncio.AbstractEventLoop | None = None
         # The engine's latest word on each batcher's backlog (it comes with every answer).
@@ -80,7 +82,10 @@ class RemoteDispatcher(Dispatcher):
         # fails with EAGAIN halfway through a message larger than one socket read. Messages
         # are written whole by the other side, so a blocking read of one is short.
         os.set_blocking(self._conn.fileno(), True)
-        models = await self._ready
+        await self._ready
+        # Not the "ready" snapshot itself: news read in the same burst (a load that came while
+        # this worker was still starting, already confirmed as seen) supersedes it.
+        models = self._latest
         in_bytes = max(int(np.prod(d.input_shape)) * 4 for d in models.values())
         out_bytes = max(d.num_classes for d in models.values()) * 4
         self._arena = SlotArena.create(self.settings.worker_slots, in_bytes, out_bytes)
@@ -204,9 +209,11 @@ class RemoteDispatcher(Dispatcher):
     def _handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "ready" and self._ready is not None and not self._ready.done():
+            self._latest = message[1]
             self._ready.set_result(message[1])
             return
         if kind == "models" and message[1] == 0:  # the engine's news: the served models changed
+            self._latest = message[2]
             if self.on_models is not None:
                 self.on_models(message[2])
             self._send(("seen", message[3]))  # the load or unload answers once all have it

@@ -158,7 +158,7 @@ class Settings(BaseSettings):
     device_mirror: bool = Field(
         True,
         description="On a GPU, keep a device copy of each HTTP worker's image slots (its "
-        "ESCORT_WORKER_SLOTS rows, about 77 MiB per worker at 224 px FP32) and copy each row "
+        "ESCORT_WORKER_SLOTS rows, about 74 MiB per worker at the default 128 slots of 224 px FP32) and copy each row "
         "into it as its request reaches the engine, so that a batch gathers its rows on the "
         "device; false: rows cross the bus when their batch launches.",
     )

@@ -158,9 +158,9 @@ class Settings(BaseSettings):
     device_mirror: bool = Field(
         True,
         description="On a GPU, keep a device copy of each HTTP worker's image slots (its "
-        "ESCORT_WORKER_SLOTS rows, about 74 MiB per worker at the default 128 slots of 224 px FP32) and copy each row "
-        "into it as its request reaches the engine, so that a batch gathers its rows on the "
-        "device; false: rows cross the bus when their batch launches.",
+        "ESCORT_WORKER_SLOTS rows, about 74 MiB per worker at the default 128 slots of 224 px "
+        "FP32) and copy each row into it as its request reaches the engine, so that a batch "
+        "gathers its rows on the device; false: rows cross the bus when their batch launches.",
     )
     preprocess_workers: int = Field(
         0, ge=0, le=256, description="Threads that decode and resize images; 0: one per CPU core."

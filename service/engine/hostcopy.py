@@ -3,17 +3,17 @@
 A batch's rows are separate views into the HTTP workers' arenas, which the engine page-locks
 (`Engine.pin_host_memory`). On the H200 (2026-12-01, 128 clients, 32 rows of 602 KB) the torch
 path per row (`torch.from_numpy`, `is_pinned`, a view of the staging buffer, `copy_`) left the
-`h2d` stage at 2.52 ms a batch, about 80 us a row. A row checked against the registered ranges
-(arithmetic) and queued with one `cudaMemcpyAsync` through CuPy's runtime binding brought the
-stage to 1.29 ms in the same setting.
+`h2d` stage at 2.52 ms a batch, about 80 us a row. Here a row is checked against the registered
+ranges (arithmetic) and queued with one `cudaMemcpyAsync` through CuPy's runtime binding when
+CuPy is there, which brought the stage to 1.29 ms in the same setting; torch's path stays the
+fallback.
 
-Each of those calls released the GIL, and taking it back waits for whichever thread holds it,
+Each of those calls releases the GIL, and taking it back waits for whichever thread holds it,
 up to the interpreter's switch interval (5 ms): with another Python thread busy, 19 rows took
 103 ms to enqueue against 0.07 ms alone (`bench/h2d_probe.py`, H200, 2026-12-01), and in the
 engine process the event loop is that thread. So the copies go through the CUDA driver
 (`cuMemcpyHtoDAsync`) by `ctypes.PyDLL`, whose calls keep the GIL: a batch's rows are enqueued
-in one stretch. Rows adjacent in an arena and in the batch go as one copy. Where the driver
-library cannot be loaded, torch's per-row copies remain.
+in one stretch. Rows adjacent in an arena and in the batch go as one copy.
 
 Even so, at 64 clients `h2d` (0.71 ms for 18 rows) lay on the path of every batch launched to
 an idle device: 11% of the sparse replay (run 14). `DeviceMirror` takes the bus off that path:
@@ -30,10 +30,14 @@ import logging
 import math
 import threading
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
+
+try:  # CuPy is there wherever the sparse kernels run; dense-only hosts may lack it.
+    from cupy.cuda import runtime as _cudart
+except ImportError:  # pragma: no cover - depends on the host
+    _cudart = None
 
 
 def _driver_copy(name: str, source: type):
@@ -54,47 +58,37 @@ _memcpy_dtod = _driver_copy("cuMemcpyDtoDAsync_v2", ctypes.c_uint64)
 
 
 class PinnedRanges:
-    """Host memory ranges page-locked by the engine (cudaHostRegister), by start address, each
-    with an optional value (the device mirror keeps its buffer there).
+    """Host memory ranges page-locked by the engine (cudaHostRegister), by start address.
 
     Registered and released on the engine process's event loop while the engine thread reads
     them: each change swaps in a new pair of tuples, so a reader always sees one whole state."""
 
     def __init__(self) -> None:
-        # Start addresses, and per start (end, value) in the same order.
-        self._ranges: tuple[tuple[int, ...], tuple[tuple[int, Any], ...]] = ((), ())
+        self._ranges: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())  # starts, ends
         self._lock = threading.Lock()  # between writers only
 
-    def add(self, address: int, size: int, value: Any = None) -> None:
+    def add(self, address: int, size: int) -> None:
         with self._lock:
-            starts, spans = self._ranges
+            starts, ends = self._ranges
             at = bisect.bisect(starts, address)
             self._ranges = (starts[:at] + (address,) + starts[at:],
-                            spans[:at] + ((address + size, value),) + spans[at:])  # fmt: skip
+                            ends[:at] + (address + size,) + ends[at:])  # fmt: skip
 
-    def remove(self, address: int) -> int | None:
-        """Forget the range that starts at `address`; its end, or None if there was none."""
+    def remove(self, address: int) -> None:
         with self._lock:
-            starts, spans = self._ranges
+            starts, ends = self._ranges
             at = bisect.bisect_left(starts, address)
             if at < len(starts) and starts[at] == address:
-                self._ranges = (starts[:at] + starts[at + 1 :], spans[:at] + spans[at + 1 :])
-                return spans[at][0]
-        return None
-
-    def find(self, address: int, size: int) -> tuple[int, Any] | None:
-        """(start, value) of the range that holds all of [address, address + size), or None."""
-        starts, spans = self._ranges
-        at = bisect.bisect(starts, address) - 1
-        if at >= 0 and address + size <= spans[at][0]:
-            return starts[at], spans[at][1]
-        return None
+                self._ranges = (starts[:at] + starts[at + 1 :], ends[:at] + ends[at + 1 :])
 
     def holds(self, row: np.ndarray) -> bool:
         """Whether all of `row` lies in one registered range (and can be copied as it is)."""
         if not (row.flags.c_contiguous and row.flags.writeable):
             return False
-        return self.find(row.ctypes.data, row.nbytes) is not None
+        starts, ends = self._ranges
+        start = row.ctypes.data
+        at = bisect.bisect(starts, start) - 1
+        return at >= 0 and start + row.nbytes <= ends[at]
 
 
 class DeviceMirror:
@@ -110,8 +104,10 @@ class DeviceMirror:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device)
-        self._buffers = PinnedRanges()  # each mirrored range, its device buffer as the value
+        # Start addresses, and per start (end, device buffer) in the same order.
+        self._ranges: tuple[tuple[int, ...], tuple[tuple[int, torch.Tensor], ...]] = ((), ())
         self._fresh: dict[int, tuple[int, int]] = {}  # host address -> (bytes, device address)
+        self._lock = threading.Lock()  # between writers only
         self._failed = False  # a push failed (said once in the log)
 
     @staticmethod
@@ -119,26 +115,36 @@ class DeviceMirror:
         return _memcpy_htod is not None and _memcpy_dtod is not None
 
     def add(self, address: int, size: int) -> None:
-        self._buffers.add(address, size, torch.empty(size, dtype=torch.uint8, device=self.device))
+        buffer = torch.empty(size, dtype=torch.uint8, device=self.device)
+        with self._lock:
+            starts, spans = self._ranges
+            at = bisect.bisect(starts, address)
+            self._ranges = (starts[:at] + (address,) + starts[at:],
+                            spans[:at] + ((address + size, buffer),) + spans[at:])  # fmt: skip
 
     def remove(self, address: int) -> None:
         torch.cuda.synchronize(self.device)  # no gather may still read the buffer
-        end = self._buffers.remove(address)
-        if end is not None:
-            for host in [a for a in self._fresh if address <= a < end]:
-                self._fresh.pop(host, None)
+        with self._lock:
+            starts, spans = self._ranges
+            at = bisect.bisect_left(starts, address)
+            if at < len(starts) and starts[at] == address:
+                end = spans[at][0]
+                self._ranges = (starts[:at] + starts[at + 1 :], spans[:at] + spans[at + 1 :])
+                for host in [a for a in self._fresh if address <= a < end]:
+                    self._fresh.pop(host, None)
 
     def push(self, rows: Sequence[np.ndarray]) -> None:
         """Queue each float row that lies in a mirrored range to its place on the device."""
+        starts, spans = self._ranges
         handle = self.stream.cuda_stream
         for row in rows:
             address = row.ctypes.data
-            found = self._buffers.find(address, row.nbytes)
-            if found is None or row.dtype.kind != "f" or not row.flags.c_contiguous:
+            at = bisect.bisect(starts, address) - 1
+            inside = at >= 0 and address + row.nbytes <= spans[at][0]
+            if not inside or row.dtype.kind != "f" or not row.flags.c_contiguous:
                 self._fresh.pop(address, None)  # whatever was pushed there is stale now
                 continue
-            start, buffer = found
-            device = buffer.data_ptr() + (address - start)
+            device = spans[at][1].data_ptr() + (address - starts[at])
             err = _memcpy_htod(device, address, row.nbytes, handle)
             if err:  # the row crosses at launch instead; say so once
                 self._fresh.pop(address, None)
@@ -204,7 +210,7 @@ def copy_rows(
         return
     # Shape arithmetic, not `stage[0]`: a torch op gives the GIL up (and waits to get it back).
     row_bytes = math.prod(stage.shape[1:]) * stage.element_size()
-    if _memcpy_htod is None:  # no CUDA driver library to call: torch's copies
+    if _memcpy_htod is None and _cudart is None:
         for i in indices:
             stage[i].copy_(torch.from_numpy(rows[i]), non_blocking=True)
         return
@@ -214,7 +220,12 @@ def copy_rows(
     base, handle = stage.data_ptr(), stream.cuda_stream
     for first, address, count, from_device in runs(rows, indices, row_bytes, on_device):
         dst, size = base + first * row_bytes, count * row_bytes
-        copy = _memcpy_dtod if from_device else _memcpy_htod
-        err = copy(dst, address, size, handle)
+        if from_device:
+            err = _memcpy_dtod(dst, address, size, handle)
+        elif _memcpy_htod is not None:
+            err = _memcpy_htod(dst, address, size, handle)
+        else:
+            _cudart.memcpyAsync(dst, address, size, _cudart.memcpyHostToDevice, handle)
+            err = 0
         if err:
             raise RuntimeError(f"cuMemcpy{'DtoD' if from_device else 'HtoD'}Async: CUresult {err}")

@@ -32,19 +32,6 @@ def test_a_row_is_held_only_inside_one_registered_range() -> None:
     ranges.remove(12345)  # not registered: nothing happens
 
 
-def test_a_range_keeps_its_value_and_find_names_the_range_that_holds_a_span() -> None:
-    ranges = PinnedRanges()
-    ranges.add(1000, 100, "first")
-    ranges.add(5000, 50, "second")
-    assert ranges.find(1000, 100) == (1000, "first") and ranges.find(1040, 10) == (1000, "first")
-    assert ranges.find(5010, 40) == (5000, "second")
-    assert ranges.find(1090, 20) is None  # runs past the end
-    assert ranges.find(999, 1) is None and ranges.find(2000, 1) is None
-    assert ranges.remove(1000) == 1100 and ranges.find(1040, 10) is None
-    assert ranges.remove(1000) is None  # no longer there
-    assert ranges.find(5000, 1) == (5000, "second")
-
-
 def test_rows_adjacent_in_memory_and_in_the_batch_go_as_one_copy() -> None:
     arena = np.zeros((8, 3, 4, 4), dtype=np.float32)
     size = arena[0].nbytes

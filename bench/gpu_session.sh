@@ -19,7 +19,7 @@ for stage in "$@"; do
     kernel-tests) python3 -m pytest tests/kernels -m gpu -q -x -p no:cacheprovider 2>&1 | tail -15 ;;
     engine-tests) python3 -m pytest tests/engine -m gpu -q --maxfail=3 -p no:cacheprovider 2>&1 | tail -30 ;;
     service-tests) python3 -m pytest tests/service tests/api -q -x -p no:cacheprovider 2>&1 | tail -15 ;;
-    bench-layers) python3 -m service.kernels.bench --out "$OUT" ${BENCH_LAYERS_ARGS:-} 2>"$OUT/bench-layers.err" | tail -40 ;;
+    bench-layers) python3 -m bench.kernels.layers --out "$OUT" ${BENCH_LAYERS_ARGS:-} 2>"$OUT/bench-layers.err" | tail -40 ;;
     bench-model) python3 -m service.engine.bench --out "$OUT" --cache-dir /tmp/escort-cache --no-progress ${BENCH_MODEL_ARGS:-} 2>&1 | tail -40 ;;
     service)
       ESCORT_BACKENDS=${SERVICE_BACKENDS:-sparse,dense} ESCORT_MODELS=${SERVICE_MODEL:-resnet50-uniform90} \

@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.kernels import bench_methods as bm  # noqa: E402
-from service.kernels.bench import (  # noqa: E402
+from bench.kernels import methods as bm  # noqa: E402
+from bench.kernels.layers import (  # noqa: E402
     SUITE,
     config_record,
     select_layers,

@@ -22,7 +22,8 @@ _COMMANDS = {
     "fetch-models": ("service.engine.fetch_cli", "check that the configured models' weights load"),
 }
 _BENCHES = {
-    "layers": ("service.kernels.bench", "time the Escort kernel against cuDNN and lowering"),
+    # The kernel benchmark lives in the checkout's bench/, outside the installed package.
+    "layers": ("bench.kernels.layers", "time the Escort kernel against cuDNN and lowering"),
     "model": ("service.engine.bench", "time whole models on every backend"),
 }
 
@@ -108,7 +109,17 @@ def parse_serve_args(argv: Sequence[str], prog: str = "escort serve") -> ServeAr
 
 
 def _run(module: str, argv: list[str]) -> int:
-    entry = importlib.import_module(module).main
+    try:
+        entry = importlib.import_module(module).main
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not module.startswith(exc.name):
+            raise
+        print(
+            f"escort: {module} is not importable here: it ships in the source checkout's "
+            "bench/ folder, not in the installed package; run `escort` from a checkout",
+            file=sys.stderr,
+        )
+        return 2
     result = entry(argv)
     return int(result or 0)
 

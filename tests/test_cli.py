@@ -62,3 +62,19 @@ def test_serve_help_lists_its_flags(capsys: pytest.CaptureFixture[str]) -> None:
     for flag in ("--precision", "--config", "--workers"):
         assert flag in out
     assert "ESCORT_*" in out and "python -m service.config" in out
+
+
+def test_bench_layers_outside_a_checkout_says_where_it_lives(tmp_path) -> None:
+    """An installed package has service/ but not the checkout's bench/: a clear error, exit 2."""
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "service").symlink_to(root / "service")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "bench", "layers", "--help"],
+        capture_output=True, text=True, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "bench/ folder" in result.stderr and "Traceback" not in result.stderr

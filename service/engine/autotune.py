@@ -41,11 +41,13 @@ def device_name(device: torch.device) -> str:
 
 
 def kernel_version() -> str:
+    """A digest of every kernel variant's source and parameter struct (variants.py): a
+    decision timed against other kernels is not reused."""
     try:
-        import service.kernels as kernels
+        from service.kernels.variants import KERNEL_VERSION  # noqa: PLC0415 - optional part
     except ImportError:
         return "none"
-    return str(getattr(kernels, "__version__", "0"))
+    return KERNEL_VERSION
 
 
 def tuning_key(device: str, precision: str, layer: ConvLayer, batch: int) -> str:

@@ -19,8 +19,6 @@ from service.kernels.cuda import CudaUnavailableError, cuda_available, unavailab
 from service.kernels.plan import SparseConvPlan
 from service.kernels.stretched_csr import ConvGeometry, SparseWeight, StretchedCSR, stretch
 
-__version__ = "1"
-
 __all__ = [
     "ConvGeometry",
     "CudaUnavailableError",

@@ -10,14 +10,20 @@ with the tap's index r * S + s beside it for the bounds checks at the borders.
 
 from __future__ import annotations
 
-import ctypes
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from service.kernels import cuda as cuda_backend
-from service.kernels.direct_cuda import DIRECT_PIXELS_PER_LANE, DIRECT_SPLITS, direct_kernel_name
+from service.kernels.direct_cuda import (
+    DIRECT_KERNEL_NAMES,
+    DIRECT_PIXELS_PER_LANE,
+    DIRECT_SOURCE,
+    DIRECT_SPLITS,
+    direct_kernel_name,
+)
+from service.kernels.launch import ACTIVATION_CODES, KernelLaunch, assemble_launch
 from service.kernels.stretched_csr import ConvGeometry, SparseWeight
 
 DIRECT_WARPS = (4, 8)
@@ -173,46 +179,94 @@ def direct_params(
         reach_w=(s - 1) * dw,
         pixels=batch * oh * ow,
         splits=config.splits,
-        act=cuda_backend.ACTIVATION_CODES[activation],
+        act=ACTIVATION_CODES[activation],
     )
     return values
 
 
-def prepare_direct_launch(
-    geometry: ConvGeometry,
-    meta: DirectMeta,
-    config: DirectConfig,
-    bias: torch.Tensor | None,
-    batch: int,
-    activation: str | None,
-    device_index: int,
-) -> cuda_backend.EscortLaunch:
-    """A ready launch of escort_direct (`meta` and `bias` already on the device)."""
-    pointers = {
-        "meta": meta.meta.data_ptr(),
-        "rowptr": meta.rowptr.data_ptr(),
-        "perm": meta.perm.data_ptr(),
-        "bias": 0 if bias is None else bias.data_ptr(),
-    }
-    record = np.zeros(1, dtype=DIRECT_PARAMS_DTYPE)
-    for key, value in direct_params(geometry, config, batch, activation, pointers).items():
-        record[key] = value
-    slots = (ctypes.c_uint64 * 3)()
-    base = ctypes.addressof(slots)
-    arg_pointers = (ctypes.c_void_p * 4)(base, base + 8, base + 16, record.ctypes.data)
-    function = cuda_backend.get_kernel(device_index, direct_kernel_name(config.pixels_per_lane))
-    return cuda_backend.EscortLaunch(
-        function=function,
-        grid=config.grid(geometry, batch),
-        block=(config.threads, 1, 1),
-        shared_bytes=0,
-        record=record,
-        slots=slots,
-        arg_pointers=arg_pointers,
-        arg_address=ctypes.addressof(arg_pointers),
-        function_ptr=int(function.ptr),
-        meta=meta,
-        keep=(bias,),
-        device_index=device_index,
-        out_shape=(batch, geometry.out_channels, *geometry.output_hw),
-    )
+def direct_default(geometry: ConvGeometry, batch: int, density: float = 1.0) -> DirectConfig:
+    """Two pixels per lane, eight warps per block, and enough warps per output channel that
+    each walks at most about 64 of its nonzeros (the row's latency is one walk). From H100
+    runs of the layer suite at batch 1."""
+    r, s = geometry.kernel_size
+    per_row = density * geometry.channels_per_group * r * s
+    splits = next((n for n in DIRECT_SPLITS if per_row / n <= 64), DIRECT_SPLITS[-1])
+    return DirectConfig(2, 8, splits)
+
+
+def direct_candidates(
+    geometry: ConvGeometry, batch: int, density: float = 1.0
+) -> list[DirectConfig]:
+    """The default direct config, then its neighbours: half and twice the splits, one and
+    four pixels per lane."""
+    if not supports(geometry):
+        return []
+    first = direct_default(geometry, batch, density)
+    i = DIRECT_SPLITS.index(first.splits)
+    near = [DIRECT_SPLITS[j] for j in (i - 1, i + 1) if 0 <= j < len(DIRECT_SPLITS)]
+    configs = [first, *(DirectConfig(first.pixels_per_lane, 8, n) for n in near)]
+    configs += [DirectConfig(p, 8, first.splits) for p in (1, 4)]
+    return configs
+
+
+class DirectVariant:
+    """The direct kernel as the registry (variants.py) sees it: behind the tiled kernel,
+    unless that one has to split its channel loop."""
+
+    name = "direct"
+    config_type = DirectConfig
+    source = DIRECT_SOURCE
+    kernel_names = DIRECT_KERNEL_NAMES
+    params_dtype = DIRECT_PARAMS_DTYPE
+
+    def supports(self, geometry: ConvGeometry) -> bool:
+        return supports(geometry)
+
+    def default_config(
+        self, geometry: ConvGeometry, batch: int, density: float
+    ) -> tuple[DirectConfig, int]:
+        return direct_default(geometry, batch, density), 1
+
+    def candidates(self, geometry: ConvGeometry, batch: int, density: float) -> list[DirectConfig]:
+        return direct_candidates(geometry, batch, density)
+
+    def meta_key(self, config: DirectConfig) -> Hashable:
+        return None  # every config of a geometry shares one metadata
+
+    def build_meta(
+        self, weight: SparseWeight, geometry: ConvGeometry, config: DirectConfig
+    ) -> DirectMeta:
+        return build_direct_meta(weight, geometry)
+
+    def prepare_launch(
+        self,
+        geometry: ConvGeometry,
+        meta: DirectMeta,
+        config: DirectConfig,
+        bias: torch.Tensor | None,
+        batch: int,
+        activation: str | None,
+        device_index: int,
+    ) -> KernelLaunch:
+        """A ready launch of escort_direct (`meta` and `bias` already on the device)."""
+        pointers = {
+            "meta": meta.meta.data_ptr(),
+            "rowptr": meta.rowptr.data_ptr(),
+            "perm": meta.perm.data_ptr(),
+            "bias": 0 if bias is None else bias.data_ptr(),
+        }
+        return assemble_launch(
+            direct_kernel_name(config.pixels_per_lane),
+            device_index,
+            config.grid(geometry, batch),
+            config.threads,
+            0,
+            DIRECT_PARAMS_DTYPE,
+            direct_params(geometry, config, batch, activation, pointers),
+            meta,
+            (bias,),
+            (batch, geometry.out_channels, *geometry.output_hw),
+        )
+
+
+DIRECT = DirectVariant()

@@ -1,9 +1,8 @@
 """CUDA source of the Escort kernels, compiled at run time by NVRTC through cupy.RawModule.
 
-`escort_conv<P, KW>` is the product kernel (see tiling.py for its decomposition).
-`sconv_shm_port` is a straight port of the paper's `sconv_shm`, kept for the layer benchmark's
-ablation: a 16x16 output tile, one output per thread, the row's weights staged in shared memory,
-the (explicitly padded) input read through __ldg.
+`escort_conv<P, KW>` is the tiled kernel (see tiling.py for its decomposition; tiled.py
+registers it). The paper's `sconv_shm`, ported straight for the layer benchmark's ablation,
+lives with the benchmark (bench/kernels/port.py): the serving process never compiles it.
 """
 
 from __future__ import annotations
@@ -295,41 +294,6 @@ __global__ void __launch_bounds__(256) escort_conv(
         }
     }
 }
-
-// The paper's code shape, for the benchmark only. xpad is the explicitly padded input.
-extern "C" __global__ void sconv_shm_port(
-    const float* __restrict__ xpad, float* __restrict__ out,
-    const int* __restrict__ rowptr, const int* __restrict__ colidx,
-    const float* __restrict__ values, const float* __restrict__ bias,
-    int C, int Hp, int Wp, int K, int OH, int OW, int sh, int sw,
-    int outputs_per_group, int group_floats, int tiles_w)
-{
-    __shared__ float s_val[256];
-    __shared__ int s_col[256];
-    const int tid = threadIdx.y * 16 + threadIdx.x;
-    const int ow = (blockIdx.x % tiles_w) * 16 + threadIdx.x;
-    const int oh = (blockIdx.x / tiles_w) * 16 + threadIdx.y;
-    const int k = blockIdx.y;
-    const int n = blockIdx.z;
-    const bool valid = oh < OH && ow < OW;
-    const float* in = xpad + (long long)n * C * Hp * Wp + (long long)(k / outputs_per_group) * group_floats
-                      + (valid ? oh * sh * Wp + ow * sw : 0);
-    const int beg = rowptr[k];
-    const int end = rowptr[k + 1];
-    float sum = 0.0f;
-    for (int base = beg; base < end; base += 256) {
-        const int count = min(256, end - base);
-        __syncthreads();
-        if (tid < count) {
-            s_val[tid] = values[base + tid];
-            s_col[tid] = colidx[base + tid];
-        }
-        __syncthreads();
-        if (valid)
-            for (int e = 0; e < count; ++e) sum += s_val[e] * __ldg(in + s_col[e]);
-    }
-    if (valid) out[((long long)n * K + k) * OH * OW + oh * OW + ow] = sum + bias[k];
-}
 """
 
 
@@ -343,4 +307,3 @@ KERNEL_NAMES = tuple(
     for kw in ROWS_PER_WARP
     if p * kw <= MAX_ACCUMULATORS
 )
-PORT_NAME = "sconv_shm_port"

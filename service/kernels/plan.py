@@ -4,8 +4,8 @@ The engine builds one plan per layer, calls `prepare(input_hw)` for each input s
 (before any CUDA-graph capture), and then calls the plan like a function. A call on the CUDA
 path launches one kernel on torch's current stream, with no host sync and no allocation beyond
 the output tensor (from torch's caching allocator), so it can be captured in a CUDA graph.
-Which kernel runs (tiled or direct) and with which config is decided per input size and batch
-(configs.py, `tune`).
+Which kernel variant runs (variants.py) and with which config is decided per input size and
+batch (configs.py, `tune`).
 """
 
 from __future__ import annotations
@@ -19,12 +19,7 @@ import torch
 from service.kernels import cuda as cuda_backend
 from service.kernels.configs import KernelConfig, candidate_configs
 from service.kernels.configs import default_config as _default_config
-from service.kernels.direct import (
-    DirectConfig,
-    DirectMeta,
-    build_direct_meta,
-    prepare_direct_launch,
-)
+from service.kernels.launch import KernelLaunch, run_launch
 from service.kernels.reference import check_activation, conv2d_reference
 from service.kernels.stretched_csr import (
     ConvGeometry,
@@ -33,7 +28,7 @@ from service.kernels.stretched_csr import (
     make_geometry,
     stretch,
 )
-from service.kernels.tiling import EscortMeta, build_meta
+from service.kernels.variants import variant_for
 
 IMPLS = ("auto", "cuda", "reference")
 _KERNEL_IMPLS = ("auto", "cuda")
@@ -49,9 +44,9 @@ class _Geometry:
     geometry: ConvGeometry
     csr: StretchedCSR
     csr_on: dict[str, StretchedCSR] = field(default_factory=dict)
-    metas: dict[Any, EscortMeta | DirectMeta] = field(default_factory=dict)  # see _meta_key
+    metas: dict[Any, Any] = field(default_factory=dict)  # by _meta_key: a variant's metadata
     by_batch: dict[int, KernelConfig] = field(default_factory=dict)
-    launches: dict[tuple[int, str | None, KernelConfig], Any] = field(default_factory=dict)
+    launches: dict[tuple[int, str | None, KernelConfig], KernelLaunch] = field(default_factory=dict)
 
 
 class SparseConvPlan:
@@ -165,7 +160,7 @@ class SparseConvPlan:
         entry = self._prepare_geometry((int(input_hw[0]), int(input_hw[1])))
         self._fast.clear()
         if self._uses_cuda_kernel():
-            cuda_backend.get_kernel(self.device.index, cuda_backend.PORT_NAME)  # compile now
+            cuda_backend.compile_kernels(self.device.index)  # now, not in a capture
             for n in batch_sizes or PREPARED_BATCHES:
                 config = _default_config(entry.geometry, int(n), self.density)
                 self._meta(entry, config)
@@ -291,7 +286,7 @@ class SparseConvPlan:
                     f"residual must be {launch.out_shape}, got {tuple(residual.shape)}"
                 )
             residual = residual.to(device=x.device, dtype=torch.float32).contiguous()
-        return cuda_backend.run_launch(launch, x, out, residual)
+        return run_launch(launch, x, out, residual)
 
     def _slow_launch(self, hw: tuple[int, int], n: int, activation: str | None) -> Any:
         entry = self._geometries.get(hw)
@@ -336,54 +331,47 @@ class SparseConvPlan:
             entry.csr_on[key] = csr
         return csr
 
-    def _meta(self, entry: _Geometry, config: KernelConfig) -> EscortMeta | DirectMeta:
+    def _meta(self, entry: _Geometry, config: KernelConfig) -> Any:
         key = _meta_key(config)
         meta = entry.metas.get(key)
         if meta is None:
             if _capturing():
                 raise RuntimeError("kernel metadata must be built before graph capture")
-            if isinstance(config, DirectConfig):
-                meta = build_direct_meta(self._sparse, entry.geometry).to(self.device)
-            else:
-                meta = build_meta(self._sparse, entry.geometry, config).to(self.device)
+            variant = variant_for(config)
+            meta = variant.build_meta(self._sparse, entry.geometry, config).to(self.device)
             entry.metas[key] = meta
         return meta
 
     def _launch(
         self, entry: _Geometry, batch: int, activation: str | None, config: KernelConfig
-    ) -> Any:
+    ) -> KernelLaunch:
         key = (batch, activation, config)
         launch = entry.launches.get(key)
         if launch is None:
             if _capturing():
                 raise RuntimeError("prepare the plan for this batch size before graph capture")
             meta = self._meta(entry, config)
-            if isinstance(config, DirectConfig):
-                launch = prepare_direct_launch(
-                    entry.geometry, meta, config, self._bias, batch, activation, self.device.index
-                )
-            else:
-                launch = cuda_backend.prepare_launch(
-                    entry.geometry, meta, self._bias, batch, activation, self.device.index
-                )
+            launch = variant_for(config).prepare_launch(
+                entry.geometry, meta, config, self._bias, batch, activation, self.device.index
+            )
             entry.launches[key] = launch
         return launch
 
 
 def _time_launches(
-    launch: Any, x: torch.Tensor, out: torch.Tensor, replays: int = 5, per_graph: int = 10
+    launch: KernelLaunch, x: torch.Tensor, out: torch.Tensor, replays: int = 5, per_graph: int = 10
 ) -> float:
     """Median milliseconds per launch, over replays of a graph of `per_graph` launches."""
     side = torch.cuda.Stream(x.device)
     side.wait_stream(torch.cuda.current_stream(x.device))
     with torch.cuda.stream(side):
         for _ in range(2):
-            cuda_backend.run_launch(launch, x, out, None)
+            run_launch(launch, x, out, None)
     torch.cuda.current_stream(x.device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(per_graph):
-            cuda_backend.run_launch(launch, x, out, None)
+            run_launch(launch, x, out, None)
     samples = []
     for _ in range(max(1, replays)):
         start = torch.cuda.Event(enable_timing=True)
@@ -397,8 +385,9 @@ def _time_launches(
 
 
 def _meta_key(config: KernelConfig) -> Any:
-    """Direct configs of a geometry share one metadata; tiled ones have their own."""
-    return "direct" if isinstance(config, DirectConfig) else config
+    """Configs of one variant whose metadata is the same share it (variant.meta_key)."""
+    variant = variant_for(config)
+    return (variant.name, variant.meta_key(config))
 
 
 def _plain_like(t: torch.Tensor, shape: tuple[int, ...], x: torch.Tensor) -> bool:

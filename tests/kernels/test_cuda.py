@@ -185,7 +185,7 @@ def test_tune_picks_a_correct_config() -> None:
 
 
 def test_paper_port_matches_conv2d() -> None:
-    from service.kernels.bench_methods import port_runner
+    from bench.kernels.methods import port_runner
 
     rng = random.Random(4)
     for seed in range(12):

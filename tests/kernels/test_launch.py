@@ -13,8 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from service.kernels import SparseConvPlan
+from service.kernels import SparseConvPlan, tiled
 from service.kernels import cuda as cuda_backend
+from service.kernels import launch as kernel_launch
 from service.kernels.tiling import build_meta, default_config
 
 STREAM = 0x5EED
@@ -53,11 +54,11 @@ def driver(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
     )
     monkeypatch.setattr(cuda_backend, "_cupy", lambda: cp)
     monkeypatch.setattr(cuda_backend, "get_kernel", lambda d, n: SimpleNamespace(ptr=0xF00D))
-    monkeypatch.setattr(cuda_backend, "_current_raw_stream", lambda d: STREAM)
+    monkeypatch.setattr(kernel_launch, "_current_raw_stream", lambda d: STREAM)
     return state
 
 
-def _layer(seed: int = 0) -> tuple[SparseConvPlan, cuda_backend.EscortLaunch, torch.Tensor]:
+def _layer(seed: int = 0) -> tuple[SparseConvPlan, kernel_launch.KernelLaunch, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(16, 8, 3, 3, generator=g)
     weight[torch.rand(weight.shape, generator=g) < 0.8] = 0
@@ -66,7 +67,7 @@ def _layer(seed: int = 0) -> tuple[SparseConvPlan, cuda_backend.EscortLaunch, to
     # One split: the workspace of a split launch would be allocated on a GPU.
     config = dataclasses.replace(default_config(entry.geometry, 2, plan.density), splits=1)
     meta = build_meta(plan._sparse, entry.geometry, config)
-    launch = cuda_backend.prepare_launch(entry.geometry, meta, plan._bias, 2, "relu", 0)
+    launch = tiled.TILED.prepare_launch(entry.geometry, meta, config, plan._bias, 2, "relu", 0)
     x = torch.randn(2, 8, 12, 12, generator=g)
     return plan, launch, x
 
@@ -79,9 +80,9 @@ def test_launch_sends_the_prepared_record(driver: SimpleNamespace) -> None:
     plan, launch, x = _layer()
     out = torch.empty(launch.out_shape)
     residual = torch.empty(launch.out_shape)
-    assert cuda_backend.run_launch(launch, x, out, residual) is out
+    assert kernel_launch.run_launch(launch, x, out, residual) is out
     (args,) = driver.calls
-    grid = cuda_backend.launch_grid(plan.geometry((12, 12)), launch.meta, 2)
+    grid = tiled.launch_grid(plan.geometry((12, 12)), launch.meta, 2)
     assert args == (
         0xF00D,
         *grid,
@@ -101,14 +102,14 @@ def test_launch_sends_the_prepared_record(driver: SimpleNamespace) -> None:
         residual.data_ptr(),
     ]
     assert pointers[3] == launch.record.ctypes.data
-    expected = cuda_backend.kernel_params(plan.geometry((12, 12)), launch.meta, 2, "relu")
+    expected = tiled.kernel_params(plan.geometry((12, 12)), launch.meta, 2, "relu")
     for name in ("N", "C", "K", "OH", "OW", "TH", "TW", "rec_stride", "record_max", "act"):
         assert int(launch.record[name][0]) == expected[name], name
     assert int(launch.record["meta"][0]) == launch.meta.meta.data_ptr()
 
     # A second call patches only the pointers; no residual sends a null pointer.
     x2, out2 = torch.randn_like(x), torch.empty(launch.out_shape)
-    cuda_backend.run_launch(launch, x2, out2, None)
+    kernel_launch.run_launch(launch, x2, out2, None)
     assert driver.calls[1] == args
     assert [_words(p, 1)[0] for p in pointers[:3]] == [x2.data_ptr(), out2.data_ptr(), 0]
 
@@ -116,7 +117,7 @@ def test_launch_sends_the_prepared_record(driver: SimpleNamespace) -> None:
 def test_launch_on_another_current_device_switches_to_its_own(driver: SimpleNamespace) -> None:
     _, launch, x = _layer()
     driver.device = 1
-    cuda_backend.run_launch(launch, x, torch.empty(launch.out_shape), None)
+    kernel_launch.run_launch(launch, x, torch.empty(launch.out_shape), None)
     assert driver.entered == [0]
     assert len(driver.calls) == 1
 

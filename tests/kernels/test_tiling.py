@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from service.kernels.cuda import kernel_params
 from service.kernels.stretched_csr import SparseWeight, make_geometry
+from service.kernels.tiled import kernel_params
 from service.kernels.tiling import (
     MAX_ACCUMULATORS,
     STAGE_FLOATS,
@@ -121,8 +121,8 @@ def test_parameter_struct_matches_the_cuda_source() -> None:
     every field kernel_params fills must exist in it."""
     import re
 
-    from service.kernels.cuda import PARAMS_DTYPE
     from service.kernels.escort_cuda import SOURCE
+    from service.kernels.tiled import PARAMS_DTYPE
 
     body = re.search(r"struct EscortParams \{(.*?)\};", SOURCE, re.S).group(1)
     fields: list[tuple[str, str]] = []

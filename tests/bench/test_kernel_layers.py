@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from service.kernels import bench
-from service.kernels.bench_methods import BASELINES, magnitude_prune
-from service.kernels.bench_report import summarize, write_report
+from bench.kernels import layers as bench
+from bench.kernels.methods import BASELINES, magnitude_prune
+from bench.kernels.report import summarize, write_report
 
 
 def test_suite_is_the_anchor_suite() -> None:

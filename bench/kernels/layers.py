@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from service.kernels import bench_methods as bm
-from service.kernels.bench_report import summarize, summary_lines, write_report
+from bench.kernels import methods as bm
+from bench.kernels.report import summarize, summary_lines, write_report
 from service.kernels.configs import default_config
-from service.kernels.direct import DirectConfig
 from service.kernels.plan import SparseConvPlan
+from service.kernels.variants import variant_for
 
 
 @dataclass(frozen=True)
@@ -284,7 +284,7 @@ class Bench:
 
 def config_record(config: Any) -> dict[str, Any]:
     """A kernel config as JSON: which kernel ("tiled" or "direct") and its fields."""
-    return {"kernel": "direct" if isinstance(config, DirectConfig) else "tiled", **asdict(config)}
+    return {"kernel": variant_for(config).name, **asdict(config)}
 
 
 def profile(layers: list[Layer], args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from service.kernels.bench_methods import BASELINES, LABELS, METHODS
+from bench.kernels.methods import BASELINES, LABELS, METHODS
 
 
 def _geomean(values: list[float]) -> float | None:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from service.kernels import cuda as cuda_backend
+from bench.kernels.port import run_port
 from service.kernels.plan import SparseConvPlan
 from service.kernels.stretched_csr import SparseWeight, make_geometry, stretch
 
@@ -76,7 +76,7 @@ def port_runner(
     def run(x: torch.Tensor) -> torch.Tensor:
         x_padded = F.pad(x, geometry.padding)
         out = torch.empty(x.shape[0], geometry.out_channels, oh, ow, device=x.device)
-        return cuda_backend.run_port(x_padded, out, rowptr, colidx, values, bias, geometry)
+        return run_port(x_padded, out, rowptr, colidx, values, bias, geometry)
 
     return run
 

@@ -263,6 +263,8 @@ class Bench:
             )
         base["config"] = config_record(plan.config_for(hw, batch))
         self.measure(base, "escort", bm.escort_runner(plan, x))
+        if "escort_fp16" in self.methods:
+            self.run_half(plan, hw, batch, base, x)
         if "escort_port" in self.methods:
             port = bm.port_runner(weight, bias, hw, layer.stride, layer.pad)
             self.measure(base, "escort_port", lambda: port(x))
@@ -281,9 +283,31 @@ class Bench:
                 fn = bm.im2col_cusparse_runner(weight, bias, x, layer.stride, layer.pad)
                 self.measure(base, "im2col_cusparse", fn)
 
+    def run_half(
+        self,
+        plan: SparseConvPlan,
+        hw: tuple[int, int],
+        batch: int,
+        base: dict[str, Any],
+        x: torch.Tensor,
+    ) -> None:
+        """The fp16 kernel on the same layer (fp16 in and out), tuned like the fp32 one; a
+        shape no fp16 variant takes is recorded as such."""
+        plan.prepare(hw, batch_sizes=(batch,), dtypes=(torch.float16,))
+        if torch.float16 not in plan.prepared_dtypes(hw):
+            self.records.append(
+                {**base, "method": "escort_fp16", "mode": "eager", "ms": None,
+                 "error": "no fp16 kernel variant takes this shape"}
+            )  # fmt: skip
+            return
+        if not self.args.no_tune and not self.over_budget():
+            plan.tune(hw, batch, reps=3, dtype=torch.float16)
+        config = config_record(plan.config_for(hw, batch, torch.float16))
+        self.measure({**base, "config": config}, "escort_fp16", bm.escort_runner(plan, x.half()))
+
 
 def config_record(config: Any) -> dict[str, Any]:
-    """A kernel config as JSON: which kernel ("tiled" or "direct") and its fields."""
+    """A kernel config as JSON: which kernel variant ("tiled", "direct", ...) and its fields."""
     return {"kernel": variant_for(config).name, **asdict(config)}
 
 

@@ -1,7 +1,7 @@
 """The convolution methods the layer benchmark times, each as a zero-argument callable.
 
-Every runner computes conv2d + bias for one layer into an NCHW fp32 (fp16 for cuDNN fp16)
-output; inputs and weights are converted beforehand so only the method itself is timed.
+Every runner computes conv2d + bias for one layer into an NCHW fp32 output (fp16 for cuDNN
+fp16, NHWC, and for Escort's fp16 kernel); inputs and weights are converted beforehand so only the method itself is timed.
 """
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ from service.kernels.stretched_csr import SparseWeight, make_geometry, stretch
 Runner = Callable[[], torch.Tensor]
 
 DENSE_METHODS = ("cudnn_fp32", "cudnn_tf32", "cudnn_fp16", "im2col_cublas")
-SPARSE_METHODS = ("escort", "escort_port", "im2col_cusparse")
-METHODS = ("escort", "escort_port", *DENSE_METHODS, "im2col_cusparse")
+SPARSE_METHODS = ("escort", "escort_fp16", "escort_port", "im2col_cusparse")
+METHODS = ("escort", "escort_fp16", "escort_port", *DENSE_METHODS, "im2col_cusparse")
+# Ours, each summarized against every baseline.
+OURS = ("escort", "escort_fp16")
 BASELINES = ("escort_port", *DENSE_METHODS, "im2col_cusparse")
 LABELS = {
     "escort": "Escort (ours)",
+    "escort_fp16": "Escort fp16 (ours)",
     "escort_port": "sconv_shm port",
     "cudnn_fp32": "cuDNN fp32",
     "cudnn_tf32": "cuDNN TF32",

@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench.kernels.methods import BASELINES, LABELS, METHODS
+from bench.kernels.methods import BASELINES, LABELS, METHODS, OURS
 
 
 def _geomean(values: list[float]) -> float | None:
@@ -19,18 +19,19 @@ def _geomean(values: list[float]) -> float | None:
 
 
 def summarize(records: list[dict[str, Any]], sgemm_tflops: float) -> list[dict[str, Any]]:
-    """Per (sparsity, batch, mode): geomean over layers of baseline_ms / escort_ms, and the
-    Escort kernel's useful TFLOP/s (2 * nnz * N * OH * OW / t)."""
+    """Per (kernel, sparsity, batch, mode), for each of ours (`OURS`: the fp32 and the fp16
+    kernel): geomean over layers of baseline_ms / our ms, and our useful TFLOP/s
+    (2 * nnz * N * OH * OW / t)."""
     times: dict[tuple, float] = {}
     for r in records:
         if r.get("ms"):
             times[(r["layer"], r["batch"], r["mode"], r["method"], r["sparsity"])] = r["ms"]
-    escort = [r for r in records if r["method"] == "escort" and r.get("ms")]
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in escort:
-        groups[(r["sparsity"], r["batch"], r["mode"])].append(r)
+    for r in records:
+        if r["method"] in OURS and r.get("ms"):
+            groups[(OURS.index(r["method"]), r["sparsity"], r["batch"], r["mode"])].append(r)
     summary = []
-    for (sparsity, batch, mode), rows in sorted(groups.items()):
+    for (ours, sparsity, batch, mode), rows in sorted(groups.items()):
         per_layer = {}
         for r in rows:
             ratios = {}
@@ -45,6 +46,7 @@ def summarize(records: list[dict[str, Any]], sgemm_tflops: float) -> list[dict[s
         tflops = _geomean([v["tflops"] for v in per_layer.values()])
         summary.append(
             {
+                "kernel": OURS[ours],
                 "sparsity": sparsity,
                 "batch": batch,
                 "mode": mode,
@@ -63,11 +65,12 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def summary_table(summary: list[dict[str, Any]]) -> list[str]:
-    head = ["sparsity", "batch", "mode", "layers"]
+    head = ["kernel", "sparsity", "batch", "mode", "layers"]
     head += [f"vs {LABELS[m]}" for m in BASELINES] + ["Escort useful TFLOP/s", "% SGEMM"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
-        cells = [f"{s['sparsity']:.2f}", str(s["batch"]), s["mode"], str(s["layers"])]
+        kernel = LABELS[s.get("kernel", "escort")]
+        cells = [kernel, f"{s['sparsity']:.2f}", str(s["batch"]), s["mode"], str(s["layers"])]
         cells += [_fmt(s["ratios"].get(m)) for m in BASELINES]
         cells += [_fmt(s["escort_tflops"]), _fmt(s["escort_pct_sgemm"], 1)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -150,6 +153,8 @@ def _plots(stem: Path, summary: list[dict[str, Any]]) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
+    # The fp16 kernel's rows have the summary table; the plots are the fp32 kernel's.
+    summary = [s for s in summary if s.get("kernel", "escort") == "escort"]
     at90 = [s for s in summary if abs(s["sparsity"] - 0.9) < 1e-9]
     if at90:
         fig, axes = plt.subplots(len(at90), 1, figsize=(14, 3.2 * len(at90)), squeeze=False)

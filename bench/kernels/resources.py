@@ -111,11 +111,11 @@ def parse_log(log: str) -> dict[str, dict[str, int]]:
 
 def measure(arch: str = "sm_90") -> list[Resources]:
     """Every registered instantiation's resources for `arch`, in registry order."""
-    from service.kernels.variants import VARIANTS  # noqa: PLC0415 - imports torch
+    from service.kernels.variants import VARIANTS, sources  # noqa: PLC0415 - imports torch
 
     names = [name for variant in VARIANTS for name in variant.kernel_names]
     owner = {name: variant.name for variant in VARIANTS for name in variant.kernel_names}
-    log, lowered = compile_log("".join(v.source for v in VARIANTS), names, arch)
+    log, lowered = compile_log(sources(), names, arch)
     parsed = parse_log(log)
     rows = []
     for name in names:

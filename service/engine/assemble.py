@@ -47,21 +47,34 @@ class BuiltModel:
     notes: list[str] = field(default_factory=list)
 
 
-def precision_notes(backend: str, precision: str, device: torch.device, half_sparse: bool):
+def precision_notes(
+    backend: str,
+    precision: str,
+    device: torch.device,
+    sparse: dict[str, SparseConv],
+    channels_last: bool,
+) -> list[str]:
     if precision == "fp16" and device.type != "cuda":
         return ["fp16 needs CUDA: on CPU every layer runs in fp32"]
+    layout = "channels-last" if channels_last else "NCHW (the layout the fp16 sparse kernel reads)"
     notes = {
         "fp32": ["fp32 strict: TF32 is off for cuDNN and cuBLAS"],
         "tf32": ["tf32: dense convs and matmuls may use TF32 tensor cores"],
-        "fp16": ["fp16: dense layers run in half precision, channels-last"],
+        "fp16": [f"fp16: layers run in half precision, {layout}"],
     }[precision]
     if precision == "tf32" and backend in ("sparse", "auto"):
         notes.append("the sparse kernel computes in fp32 (TF32 applies to dense layers only)")
-    if precision == "fp16" and backend in ("sparse", "auto") and not half_sparse:
-        notes.append(
-            "sparse layers run the fp32 Escort kernel with fp16<->fp32 casts around them "
-            "until a half-precision kernel exists"
-        )
+    if precision == "fp16" and backend in ("sparse", "auto") and sparse:
+        cast = sorted(n for n, op in sparse.items() if not op.runs_natively(torch.float16))
+        if cast:
+            notes.append(
+                f"{len(cast)} of {len(sparse)} sparse layers run the fp32 Escort kernel with "
+                "fp16<->fp32 casts around them (no fp16 kernel variant takes their shape): "
+                + ", ".join(cast[:8])
+                + (", ..." if len(cast) > 8 else "")
+            )
+        else:
+            notes.append("sparse layers run the fp16 Escort kernel (fp16 storage, fp32 sums)")
     return notes
 
 
@@ -90,22 +103,27 @@ def build_backend(
     auto builds both ops of every layer, times them at each bucket (or takes the cached
     decision) and keeps both, switching per bucket."""
     dtype = compute_dtype(precision, device)
-    channels_last = dtype == torch.float16
+    # cuDNN's fp16 convs are fastest channels-last; the fp16 sparse kernel reads NCHW, so an
+    # all-sparse fp16 model stays NCHW (auto times its sparse ops with channels-last inputs,
+    # conversions included).
+    channels_last = dtype == torch.float16 and backend != "sparse"
     notes = list(prepared.notes)
     choices: dict[str, dict[int, str]] = {}
     timings: dict[str, LayerTimings] = {}
-    half_sparse = False
+    sparse: dict[str, SparseConv] = {}
 
-    # Sparse ops hold only fp32 plans, so the sparse and auto builds of one model (and every
-    # precision of them) can share one set, prepared and kernel-tuned once.
+    # Sparse ops hold fp32 plans that run every dtype they were made ready for, so the sparse
+    # and auto builds of one model (and every precision of them) share one set, each layer
+    # prepared and kernel-tuned once per dtype.
     shared = sparse_ops if sparse_ops is not None else {}
 
     def sparse_op(layer: ConvLayer) -> SparseConv:
         op = shared.get(layer.name)
         if op is None or not set(buckets) <= set(op.buckets):
             tune = tune_kernel and device.type == "cuda"
-            op = SparseConv(layer, device, plan_factory, tuple(buckets), tune)
+            op = SparseConv(layer, device, plan_factory, tuple(buckets), tune, (dtype,))
             shared[layer.name] = op
+        op.ready_for(dtype)
         return op
 
     if backend in LOWERINGS:
@@ -119,7 +137,6 @@ def build_backend(
     elif backend == "sparse":
         check_sparse_available(device)
         sparse = {name: sparse_op(layer) for name, layer in prepared.layers.items()}
-        half_sparse = any(torch.float16 in op.plan_dtypes for op in sparse.values())
         module = materialize(prepared, lambda layer: sparse[layer.name])
         choices = {name: {0: "sparse"} for name in prepared.layers}
     elif backend == "auto":
@@ -135,7 +152,6 @@ def build_backend(
             for name, layer in prepared.layers.items()
         }
         if sparse:
-            half_sparse = any(torch.float16 in op.plan_dtypes for op in sparse.values())
             timer = timer or make_timer(
                 device, precision, dtype, channels_last=channels_last, cuda_graphs=cuda_graphs
             )
@@ -169,7 +185,7 @@ def build_backend(
         module = module.to(dtype)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
-    notes += precision_notes(backend, precision, device, half_sparse)
+    notes += precision_notes(backend, precision, device, sparse, channels_last)
     return BuiltModel(
         module.eval(), backend, precision, device, dtype, channels_last, choices, timings, notes
     )

@@ -197,7 +197,12 @@ class SparseConv(ConvOp):
     """The Escort kernel through a SparseConvPlan (the CPU reference off-GPU).
 
     The plan is kept out of the module tree on purpose: model-wide `.half()` or `.to()` must not
-    touch its fp32 stretched-CSR buffers, which are built for one device once."""
+    touch its fp32 stretched-CSR buffers, which are built for one device once.
+
+    On CUDA the op runs each dtype of `dtypes` natively where a kernel variant takes the
+    layer (an fp16 model's layer in the fp16 kernel, fp16 in and out); any other dtype, or a
+    layer no variant of that dtype takes, runs the fp32 kernel with casts around it.
+    `ready_for` adds a dtype later (one op serves the builds of several precisions)."""
 
     op_kind = "conv_sparse"
 
@@ -208,6 +213,7 @@ class SparseConv(ConvOp):
         plan_factory: PlanFactory | None = None,
         buckets: tuple[int, ...] = (1,),
         tune: bool = False,
+        dtypes: tuple[torch.dtype, ...] = (torch.float32,),
     ) -> None:
         super().__init__(layer)
         g = layer.geometry
@@ -223,30 +229,61 @@ class SparseConv(ConvOp):
         )
         moved = plan.to(device)
         plan = plan if moved is None else moved
-        if device.type == "cuda":
-            # Kernel metadata for every bucket must exist before any graph capture.
-            plan.prepare(g.in_hw, batch_sizes=buckets)
-            if tune and hasattr(plan, "tune"):
-                self._tune(plan, layer.name, buckets)
-        else:
-            plan.prepare(g.in_hw)
         self.__dict__["plan"] = plan
         self.plan_dtypes = tuple(getattr(plan, "dtypes", (torch.float32,)))
         self.buckets = tuple(buckets)
+        self.layer_name = layer.name
+        self.ready_dtypes: tuple[torch.dtype, ...] = ()
+        self._tune_kernel = tune and hasattr(plan, "tune")
+        if device.type == "cuda":
+            # Kernel metadata for every bucket must exist before any graph capture.
+            for dtype in dtypes:
+                self.ready_for(dtype)
+        else:
+            plan.prepare(g.in_hw)
+            self.ready_dtypes = (torch.float32,)
 
-    def _tune(self, plan: Any, name: str, buckets: tuple[int, ...]) -> None:
-        """Let the kernel pick its tile config per bucket; its default is a fine fallback."""
-        for batch in buckets:
+    def ready_for(self, dtype: torch.dtype) -> None:
+        """Prepares (and tunes, if this op tunes) the plan to run `dtype` at every bucket;
+        when no kernel runs `dtype` for this layer, the fp32 kernel instead (with casts)."""
+        if dtype in self.ready_dtypes:
+            return
+        if dtype not in self.plan_dtypes:
+            self.ready_for(torch.float32)
+            return
+        plan, hw = self.plan, self.geometry.in_hw
+        if dtype == torch.float32:
+            plan.prepare(hw, batch_sizes=self.buckets)
+        else:
+            plan.prepare(hw, batch_sizes=self.buckets, dtypes=(dtype,))
+        prepared = plan.prepared_dtypes(hw) if hasattr(plan, "prepared_dtypes") else (dtype,)
+        if dtype not in prepared:  # no variant of this dtype takes the layer
+            self.ready_for(torch.float32)
+            return
+        if self._tune_kernel:
+            self._tune(dtype)
+        self.ready_dtypes += (dtype,)
+
+    def _tune(self, dtype: torch.dtype) -> None:
+        """Let the kernel pick its config per bucket; its default is a fine fallback."""
+        for batch in self.buckets:
             try:
-                plan.tune(self.geometry.in_hw, batch)
+                self.plan.tune(self.geometry.in_hw, batch, dtype=dtype)
             except Exception as exc:  # a tuning failure must not stop the model loading
-                log.warning("kernel tuning failed for %s at batch %d: %s", name, batch, exc)
+                log.warning(
+                    "kernel tuning failed for %s (%s) at batch %d: %s",
+                    self.layer_name, dtype, batch, exc,
+                )  # fmt: skip
                 return
+
+    def runs_natively(self, dtype: torch.dtype) -> bool:
+        """True when a `dtype` input runs a kernel of its own dtype (no casts)."""
+        return dtype in self.ready_dtypes
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         dtype = x.dtype
-        # Until a half kernel exists, fp16 models cast around their sparse layers.
-        run = dtype if dtype in self.plan_dtypes else torch.float32
+        # A dtype no kernel runs for this layer is cast to fp32 and back.
+        run = dtype if dtype in self.ready_dtypes else torch.float32
         x = x.to(run).contiguous()
         if residual is not None:
             residual = residual.to(run).contiguous()

@@ -60,7 +60,7 @@ def _module(device_index: int) -> Any:
     module = _modules.get(device_index)
     if module is not None:
         return module
-    from service.kernels.variants import VARIANTS  # noqa: PLC0415 - the variants import us
+    from service.kernels.variants import VARIANTS, sources  # noqa: PLC0415 - they import us
 
     cp = _cupy()
     names = [name for variant in VARIANTS for name in variant.kernel_names]
@@ -69,7 +69,7 @@ def _module(device_index: int) -> Any:
         if module is None:
             with cp.cuda.Device(device_index):
                 module = cp.RawModule(
-                    code="".join(variant.source for variant in VARIANTS),
+                    code=sources(),
                     options=("-std=c++17",),
                     name_expressions=names,
                 )

@@ -214,6 +214,7 @@ class DirectVariant:
     unless that one has to split its channel loop."""
 
     name = "direct"
+    dtype = torch.float32  # of the input, output and residual
     config_type = DirectConfig
     source = DIRECT_SOURCE
     kernel_names = DIRECT_KERNEL_NAMES
@@ -229,6 +230,9 @@ class DirectVariant:
 
     def candidates(self, geometry: ConvGeometry, batch: int, density: float) -> list[DirectConfig]:
         return direct_candidates(geometry, batch, density)
+
+    def kernel_name(self, config: DirectConfig) -> str:
+        return direct_kernel_name(config.pixels_per_lane)
 
     def meta_key(self, config: DirectConfig) -> Hashable:
         return None  # every config of a geometry shares one metadata
@@ -256,7 +260,7 @@ class DirectVariant:
             "bias": 0 if bias is None else bias.data_ptr(),
         }
         return assemble_launch(
-            direct_kernel_name(config.pixels_per_lane),
+            self.kernel_name(config),
             device_index,
             config.grid(geometry, batch),
             config.threads,

@@ -10,6 +10,12 @@ is no staging of the input and no workspace: the latency is one pass over a shar
 row's nonzeros. Padding is implicit: a warp whose pixels all see their whole receptive field
 inside the image skips the bounds checks; the others test each record's tap against a per-pixel mask of the taps that
 fall inside the image (one shift and one test per input value).
+
+The storage type is a template parameter: `escort_direct<P>` reads and writes fp32,
+`escort_direct<P, unsigned short>` fp16 (IEEE half bits; direct_half.py registers it). Both
+accumulate in fp32: a half value is widened as it is loaded and rounded once, at the store.
+The half conversions are inline PTX (cvt), so the source needs no CUDA header and compiles
+the same under CuPy and under bare NVRTC (bench/kernels/resources.py).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ struct DirectParams {
     unsigned long long rowptr;  // int [K + 1]: each sorted row's nonzeros in meta
     unsigned long long perm;    // int [K]: the output channel of sorted row p
     unsigned long long bias;    // float [K], or 0
-    long long image_floats;     // C * H * W
+    long long image_floats;     // C * H * W (elements of the storage type)
     int H, W, K, OH, OW;
     int sh, sw, pt, pl;
     int R, S, dh, dw;           // kernel size and dilation (R * S <= 64)
@@ -32,6 +38,28 @@ struct DirectParams {
     int splits;                 // warps sharing one row's nonzeros (divides the block's warps)
     int act;
 };
+
+// Loads and stores in the storage type, as fp32.
+__device__ __forceinline__ float load_in(const float* p) { return __ldg(p); }
+__device__ __forceinline__ float load_in(const unsigned short* p) {
+    const unsigned short h = __ldg(p);
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ float load_plain(const float* p) { return *p; }
+__device__ __forceinline__ float load_plain(const unsigned short* p) {
+    const unsigned short h = *p;
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ void store_out(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_out(unsigned short* p, float v) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    *p = h;
+}
 
 // Bit j (j < count) set when 0 <= start + j * step < limit.
 __device__ __forceinline__ unsigned long long in_range_bits(int start, int count, int step,
@@ -47,9 +75,9 @@ __device__ __forceinline__ unsigned long long in_range_bits(int start, int count
     return bits;
 }
 
-template <int P>
+template <int P, typename T = float>
 __global__ void __launch_bounds__(256) escort_direct(
-    const float* __restrict__ x, float* __restrict__ out, const float* __restrict__ res,
+    const T* __restrict__ x, T* __restrict__ out, const T* __restrict__ res,
     const DirectParams p)
 {
     __shared__ float partial[8][32 * 4];  // [warp][i * 32 + lane], for splits > 1
@@ -62,7 +90,7 @@ __global__ void __launch_bounds__(256) escort_direct(
     const bool active = row < p.K;  // warp-uniform
     const int plane = p.OH * p.OW;
 
-    const float* xp[P];  // this lane's pixel's window origin in the input (maybe outside it)
+    const T* xp[P];  // this lane's pixel's window origin in the input (maybe outside it)
     int ih0[P], iw0[P], q[P], nq[P], remq[P];
     bool interior = true;
 #pragma unroll
@@ -124,7 +152,7 @@ __global__ void __launch_bounds__(256) escort_direct(
                     const int4 m = records[warp][t];
                     const float v = __int_as_float(m.x);
 #pragma unroll
-                    for (int i = 0; i < P; ++i) acc[i] = fmaf(v, __ldg(xp[i] + m.y), acc[i]);
+                    for (int i = 0; i < P; ++i) acc[i] = fmaf(v, load_in(xp[i] + m.y), acc[i]);
                 }
             } else {
 #pragma unroll 8
@@ -133,7 +161,7 @@ __global__ void __launch_bounds__(256) escort_direct(
                     const float v = __int_as_float(m.x);
 #pragma unroll
                     for (int i = 0; i < P; ++i) {
-                        const float xv = (taps[i] >> m.z) & 1ull ? __ldg(xp[i] + m.y) : 0.0f;
+                        const float xv = (taps[i] >> m.z) & 1ull ? load_in(xp[i] + m.y) : 0.0f;
                         acc[i] = fmaf(v, xv, acc[i]);
                     }
                 }
@@ -160,17 +188,22 @@ __global__ void __launch_bounds__(256) escort_direct(
         if (q[i] >= p.pixels) continue;
         const long long o = ((long long)nq[i] * p.K + k) * plane + remq[i];
         float v = acc[i] + b;
-        if (res) v += res[o];
+        if (res) v += load_plain(res + o);
         if (p.act == 1) v = fmaxf(v, 0.0f);
         else if (p.act == 2) v = fminf(fmaxf(v, 0.0f), 6.0f);
-        out[o] = v;
+        store_out(out + o, v);
     }
 }
 """
 
 
-def direct_kernel_name(pixels_per_lane: int) -> str:
-    return f"escort_direct<{pixels_per_lane}>"
+def direct_kernel_name(pixels_per_lane: int, half: bool = False) -> str:
+    return (
+        f"escort_direct<{pixels_per_lane}, unsigned short>"
+        if half
+        else (f"escort_direct<{pixels_per_lane}>")
+    )
 
 
 DIRECT_KERNEL_NAMES = tuple(direct_kernel_name(p) for p in DIRECT_PIXELS_PER_LANE)
+DIRECT_HALF_KERNEL_NAMES = tuple(direct_kernel_name(p, half=True) for p in DIRECT_PIXELS_PER_LANE)

@@ -4,8 +4,9 @@ The engine builds one plan per layer, calls `prepare(input_hw)` for each input s
 (before any CUDA-graph capture), and then calls the plan like a function. A call on the CUDA
 path launches one kernel on torch's current stream, with no host sync and no allocation beyond
 the output tensor (from torch's caching allocator), so it can be captured in a CUDA graph.
-Which kernel variant runs (variants.py) and with which config is decided per input size and
-batch (configs.py, `tune`).
+Which kernel variant runs (variants.py) and with which config is decided per input size,
+batch and storage type (configs.py, `tune`): on CUDA an fp16 input runs an fp16 variant, fp16
+in and fp16 out, once `prepare` has been given that dtype; any other input runs fp32.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from service.kernels.stretched_csr import (
     make_geometry,
     stretch,
 )
+from service.kernels.variants import dtypes as variant_dtypes
 from service.kernels.variants import variant_for
 
 IMPLS = ("auto", "cuda", "reference")
@@ -45,7 +47,7 @@ class _Geometry:
     csr: StretchedCSR
     csr_on: dict[str, StretchedCSR] = field(default_factory=dict)
     metas: dict[Any, Any] = field(default_factory=dict)  # by _meta_key: a variant's metadata
-    by_batch: dict[int, KernelConfig] = field(default_factory=dict)
+    by_batch: dict[tuple[int, torch.dtype], KernelConfig] = field(default_factory=dict)
     launches: dict[tuple[int, str | None, KernelConfig], KernelLaunch] = field(default_factory=dict)
 
 
@@ -80,13 +82,17 @@ class SparseConvPlan:
             raise ValueError(f"bias must be [{self.out_channels}], got {tuple(bias.shape)}")
         self._bias = self._bias_cpu
         self._geometries: dict[tuple[int, int], _Geometry] = {}
-        self._tuned: dict[tuple[int, int, int], KernelConfig] = {}
-        # (input shape, activation) -> ready launch: the hot path is one dict lookup.
-        self._fast: dict[tuple[torch.Size, str | None], Any] = {}
-        self.dtypes = (torch.float32,)
+        self._tuned: dict[tuple[int, int, int, torch.dtype], KernelConfig] = {}
+        # (input shape, dtype, activation) -> ready launch: the hot path is one dict lookup.
+        self._fast: dict[tuple[torch.Size, torch.dtype, str | None], Any] = {}
         self.to(self.device)
 
     # Facts about the layer -------------------------------------------------------------------
+    @property
+    def dtypes(self) -> tuple[torch.dtype, ...]:
+        """The input dtypes a kernel runs natively here (fp32 first); others are cast to fp32."""
+        return variant_dtypes() if self._uses_cuda_kernel() else (_F32,)
+
     @property
     def nnz(self) -> int:
         return self._sparse.nnz
@@ -145,66 +151,99 @@ class SparseConvPlan:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._device_index = self.device.index if self.device.type == "cuda" else -2
         self._bias = None if self._bias_cpu is None else self._bias_cpu.to(self.device)
-        prepared = list(self._geometries)
+        prepared = {
+            hw: {dtype for _, dtype in entry.by_batch} or {_F32}
+            for hw, entry in self._geometries.items()
+        }
         self._geometries.clear()
         self._fast.clear()
-        for hw in prepared:
-            self.prepare(hw)
+        for hw, dtypes in prepared.items():
+            self.prepare(hw, dtypes=sorted(dtypes, key=str))
         return self
 
     def prepare(
-        self, input_hw: tuple[int, int], batch_sizes: Iterable[int] | None = None
+        self,
+        input_hw: tuple[int, int],
+        batch_sizes: Iterable[int] | None = None,
+        dtypes: Iterable[torch.dtype] = (_F32,),
     ) -> SparseConvPlan:
         """Builds and caches the stretched form (and, on CUDA, the kernel's metadata for the
-        configs chosen for `batch_sizes`) for one input size. Call it before graph capture."""
+        configs chosen for `batch_sizes` and each of `dtypes` the plan runs) for one input
+        size. Call it before graph capture."""
         entry = self._prepare_geometry((int(input_hw[0]), int(input_hw[1])))
         self._fast.clear()
         if self._uses_cuda_kernel():
             cuda_backend.compile_kernels(self.device.index)  # now, not in a capture
-            for n in batch_sizes or PREPARED_BATCHES:
-                config = _default_config(entry.geometry, int(n), self.density)
-                self._meta(entry, config)
-                entry.by_batch[int(n)] = config
+            for dtype in dict.fromkeys(dtypes):
+                if dtype not in self.dtypes:
+                    continue
+                for n in batch_sizes or PREPARED_BATCHES:
+                    config = _default_config(entry.geometry, int(n), self.density, dtype)
+                    self._meta(entry, config)
+                    entry.by_batch[(int(n), dtype)] = config
         return self
 
+    def prepared_dtypes(self, input_hw: tuple[int, int]) -> tuple[torch.dtype, ...]:
+        """The dtypes `prepare` has built kernel metadata for at this input size."""
+        entry = self._geometries.get((int(input_hw[0]), int(input_hw[1])))
+        found = {dtype for _, dtype in entry.by_batch} if entry is not None else set()
+        return tuple(d for d in self.dtypes if d in found)
+
     def tune(
-        self, input_hw: tuple[int, int], batch: int, reps: int = 5, limit: int | None = 12
+        self,
+        input_hw: tuple[int, int],
+        batch: int,
+        reps: int = 5,
+        limit: int | None = 12,
+        dtype: torch.dtype = _F32,
     ) -> dict[KernelConfig, float]:
-        """Times every candidate config at this size and keeps the fastest for (input_hw,
-        batch); returns milliseconds per launch. Each candidate runs from a CUDA graph of
+        """Times every candidate config of `dtype` at this size and keeps the fastest for
+        (input_hw, batch, dtype); returns milliseconds per launch. Each candidate runs from a CUDA graph of
         back-to-back launches, so host overhead does not hide kernel differences. `limit`
         caps the candidates (the default and its nearest variants). Syncs and captures: call
         it at load time, never inside a capture."""
         self._require_cuda_kernel()
+        if dtype not in self.dtypes:
+            raise ValueError(f"no kernel runs {dtype} here; the plan runs {self.dtypes}")
         hw = (int(input_hw[0]), int(input_hw[1]))
         entry = self._prepare_geometry(hw)
         g = entry.geometry
-        x = torch.randn(batch, g.in_channels, *hw, device=self.device)
-        out = torch.empty(batch, g.out_channels, *g.output_hw, device=self.device)
+        x = torch.randn(batch, g.in_channels, *hw, device=self.device, dtype=dtype)
+        out = torch.empty(batch, g.out_channels, *g.output_hw, device=self.device, dtype=dtype)
         times: dict[KernelConfig, float] = {}
-        for config in candidate_configs(g, batch, self.density, limit):
+        for config in candidate_configs(g, batch, self.density, limit, dtype):
             launch = self._launch(entry, batch, None, config)
             times[config] = _time_launches(launch, x, out, replays=reps)
-        best = min(times, key=times.__getitem__)
-        self._tuned[(hw[0], hw[1], batch)] = best
-        self._fast.clear()
+        self.use_config(hw, batch, min(times, key=times.__getitem__))
         return times
 
-    def config_for(self, input_hw: tuple[int, int], batch: int) -> KernelConfig:
-        """The kernel config a call with this input size and batch uses."""
+    def use_config(self, input_hw: tuple[int, int], batch: int, config: KernelConfig) -> None:
+        """Runs (input_hw, batch) with `config` from now on, for its variant's dtype (what
+        `tune` keeps; tests and benchmarks pin a config with it)."""
         hw = (int(input_hw[0]), int(input_hw[1]))
-        tuned = self._tuned.get((hw[0], hw[1], batch))
+        self._tuned[(hw[0], hw[1], int(batch), variant_for(config).dtype)] = config
+        self._fast.clear()
+
+    def config_for(
+        self, input_hw: tuple[int, int], batch: int, dtype: torch.dtype = _F32
+    ) -> KernelConfig:
+        """The kernel config a call with this input size, batch and dtype uses."""
+        hw = (int(input_hw[0]), int(input_hw[1]))
+        tuned = self._tuned.get((hw[0], hw[1], batch, dtype))
         if tuned is not None:
             return tuned
         entry = self._geometries.get(hw)
-        if entry is not None and batch in entry.by_batch:
-            return entry.by_batch[batch]
-        config = _default_config(self.geometry(hw), batch, self.density)
+        if entry is not None and (batch, dtype) in entry.by_batch:
+            return entry.by_batch[(batch, dtype)]
+        config = _default_config(self.geometry(hw), batch, self.density, dtype)
         if entry is None or _meta_key(config) in entry.metas or not _capturing():
             return config
         # Inside a capture no metadata can be uploaded: use the nearest prepared batch's.
-        below = [n for n in entry.by_batch if n <= batch]
-        return entry.by_batch[max(below) if below else min(entry.by_batch)]
+        prepared = [n for n, d in entry.by_batch if d == dtype]
+        if not prepared:
+            raise RuntimeError(f"call plan.prepare({hw}, dtypes=[{dtype}]) before capturing")
+        below = [n for n in prepared if n <= batch]
+        return entry.by_batch[(max(below) if below else min(prepared), dtype)]
 
     # Running ------------------------------------------------------------------------------------
     def __call__(
@@ -215,17 +254,17 @@ class SparseConvPlan:
         impl: str = "auto",
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: [N, C, H, W]. `out`, if given, is a contiguous fp32 [N, K, OH, OW] tensor to write
-        into (and is returned)."""
+        """x: [N, C, H, W]. `out`, if given, is a contiguous [N, K, OH, OW] tensor of the dtype
+        the kernel runs (x's when the plan runs it natively, else fp32) to write into (and is
+        returned)."""
         if out is None and (impl == "auto" or impl == "cuda"):
             # Hot path (the engine's eager calls): a prepared launch for this exact input. Only
             # CUDA launches are cached and a CPU tensor's device index (-1) never matches, so
             # the device check also stands for x.is_cuda.
-            launch = self._fast.get((x.shape, activation))
+            launch = self._fast.get((x.shape, x.dtype, activation))
             if (
                 launch is not None
                 and x.get_device() == self._device_index
-                and x.dtype is _F32
                 and x.is_contiguous()
                 and (residual is None or _plain_like(residual, launch.out_shape, x))
             ):
@@ -266,36 +305,48 @@ class SparseConvPlan:
                 f"impl='cuda' needs the input on the plan's device {self.device}, got {x.device}"
             )
         n, hw = int(x.shape[0]), (int(x.shape[2]), int(x.shape[3]))
-        launch = self._fast.get((x.shape, activation))
+        run = self._run_dtype(x.dtype, hw)
+        x = x.to(run).contiguous()
+        launch = self._fast.get((x.shape, run, activation))
         if launch is None:
-            launch = self._slow_launch(hw, n, activation)
-            self._fast[(x.shape, activation)] = launch
-        x = x.float().contiguous()
+            launch = self._slow_launch(hw, n, activation, run)
+            self._fast[(x.shape, run, activation)] = launch
         if out is None:
-            out = torch.empty(launch.out_shape, device=x.device, dtype=torch.float32)
+            out = torch.empty(launch.out_shape, device=x.device, dtype=run)
         elif (
             tuple(out.shape) != launch.out_shape
-            or out.dtype != torch.float32
+            or out.dtype != run
             or not out.is_contiguous()
             or out.device != x.device
         ):
-            raise ValueError(f"out must be a contiguous fp32 {launch.out_shape} on {x.device}")
+            raise ValueError(f"out must be a contiguous {run} {launch.out_shape} on {x.device}")
         if residual is not None:
             if tuple(residual.shape) != launch.out_shape:
                 raise ValueError(
                     f"residual must be {launch.out_shape}, got {tuple(residual.shape)}"
                 )
-            residual = residual.to(device=x.device, dtype=torch.float32).contiguous()
+            residual = residual.to(device=x.device, dtype=run).contiguous()
         return run_launch(launch, x, out, residual)
 
-    def _slow_launch(self, hw: tuple[int, int], n: int, activation: str | None) -> Any:
+    def _run_dtype(self, dtype: torch.dtype, hw: tuple[int, int]) -> torch.dtype:
+        """x's dtype when a kernel runs it and it is prepared (or can be, outside a capture);
+        otherwise fp32."""
+        if dtype is _F32 or dtype not in self.dtypes:
+            return _F32
+        if dtype in self.prepared_dtypes(hw) or not _capturing():
+            return dtype
+        return _F32
+
+    def _slow_launch(
+        self, hw: tuple[int, int], n: int, activation: str | None, dtype: torch.dtype
+    ) -> Any:
         entry = self._geometries.get(hw)
-        if entry is None:
+        if entry is None or (dtype not in self.prepared_dtypes(hw) and not _capturing()):
             if _capturing():
                 raise RuntimeError(f"call plan.prepare({hw}) before capturing a CUDA graph")
-            self.prepare(hw, batch_sizes=(n,))
+            self.prepare(hw, batch_sizes=(n,), dtypes=(dtype,))
             entry = self._geometries[hw]
-        return self._launch(entry, n, activation, self.config_for(hw, n))
+        return self._launch(entry, n, activation, self.config_for(hw, n, dtype))
 
     # Internals ----------------------------------------------------------------------------------
     def _uses_cuda_kernel(self) -> bool:
@@ -393,7 +444,7 @@ def _meta_key(config: KernelConfig) -> Any:
 def _plain_like(t: torch.Tensor, shape: tuple[int, ...], x: torch.Tensor) -> bool:
     return (
         t.shape == shape
-        and t.dtype is torch.float32
+        and t.dtype is x.dtype
         and t.get_device() == x.get_device()
         and t.is_contiguous()
     )

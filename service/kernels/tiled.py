@@ -115,6 +115,7 @@ class TiledVariant:
     """The tiled kernel as the registry (variants.py) sees it."""
 
     name = "tiled"
+    dtype = torch.float32  # of the input, output and residual
     config_type = TileConfig
     source = SOURCE
     kernel_names = KERNEL_NAMES

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from service.kernels.direct import DIRECT
+from service.kernels.direct_half import DIRECT_HALF
 from service.kernels.launch import KernelLaunch
 from service.kernels.stretched_csr import ConvGeometry, SparseWeight
 from service.kernels.tiled import TILED
@@ -25,8 +26,9 @@ from service.kernels.tiled import TILED
 
 class KernelVariant(Protocol):
     name: str  # as the benchmark and the tuning records name it
+    dtype: torch.dtype  # of the input, output and residual it reads and writes
     config_type: type  # a frozen dataclass: one launch configuration of this kernel
-    source: str  # CUDA C++ for NVRTC
+    source: str  # CUDA C++ for NVRTC (variants may share one, each instantiating its own)
     kernel_names: tuple[str, ...]  # the instantiations to compile
     params_dtype: np.dtype  # its parameter struct, field for field
 
@@ -60,9 +62,19 @@ class KernelVariant(Protocol):
     ) -> KernelLaunch: ...
 
 
-VARIANTS: tuple[KernelVariant, ...] = (TILED, DIRECT)
+VARIANTS: tuple[KernelVariant, ...] = (TILED, DIRECT, DIRECT_HALF)
 
 _BY_CONFIG = {variant.config_type: variant for variant in VARIANTS}
+
+
+def sources() -> str:
+    """The CUDA module's code: each distinct source once, in registry order."""
+    return "".join(dict.fromkeys(variant.source for variant in VARIANTS))
+
+
+def dtypes() -> tuple[torch.dtype, ...]:
+    """The storage types some variant runs, fp32 first."""
+    return tuple(dict.fromkeys(variant.dtype for variant in VARIANTS))
 
 
 def variant_for(config: Any) -> KernelVariant:
@@ -77,6 +89,7 @@ def _version() -> str:
     digest = hashlib.sha256()
     for variant in VARIANTS:
         digest.update(variant.name.encode())
+        digest.update(str(variant.dtype).encode())
         digest.update(variant.source.encode())
         digest.update(repr(variant.params_dtype.descr).encode())
         digest.update(repr(variant.kernel_names).encode())

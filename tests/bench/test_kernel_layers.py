@@ -117,6 +117,19 @@ def test_summary_and_report(tmp_path) -> None:
     assert json.loads((tmp_path / "r-layers.json").read_text())["summary"][0]["layers"] == 2
 
 
+def test_the_fp16_kernel_is_summarized_on_its_own_rows(tmp_path) -> None:
+    records = [r for r in _fake_records() if r.get("ms")]
+    for r in [r for r in records if r["method"] == "escort"]:
+        records.append({**r, "method": "escort_fp16", "ms": r["ms"] / 2})
+    summary = summarize(records, sgemm_tflops=50.0)
+    assert [s["kernel"] for s in summary] == ["escort", "escort_fp16"]
+    fp32, fp16 = summary
+    assert fp16["ratios"]["im2col_cublas"] == pytest.approx(2 * fp32["ratios"]["im2col_cublas"])
+    assert fp16["escort_tflops"] == pytest.approx(2 * fp32["escort_tflops"])
+    text = "\n".join(bench.summary_lines(summary, 50.0))
+    assert "| Escort fp16 (ours) | 0.90 | 1 | eager |" in text
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_main_without_gpu_explains(capsys) -> None:
     assert bench.main(["--layers", "resnet50.l4.3x3"]) == 2

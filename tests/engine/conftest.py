@@ -83,7 +83,7 @@ class StandInPlan:
         self.bias = None if self.bias is None else self.bias.to(device)
         return self
 
-    def prepare(self, hw, batch_sizes=None):
+    def prepare(self, hw, batch_sizes=None, dtypes=(torch.float32,)):
         self.prepared.append(tuple(hw))
         return self
 

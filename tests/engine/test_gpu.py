@@ -14,6 +14,7 @@ import torch
 
 from service.engine.assemble import build_backend
 from service.engine.autotune import TuningCache
+from service.engine.backends import SparseConv
 from service.engine.build import PreparedModel, prepare_model
 from service.engine.engine import ModelSource, TorchEngine, load_source
 from service.engine.protocol import EngineSpec
@@ -203,7 +204,11 @@ def test_half_precision_and_tf32_stay_close(tmp_path) -> None:
         for row_got, row_ref in zip(got, ref, strict=True):
             assert np.corrcoef(row_got, row_ref)[0, 1] > 0.99, (backend, precision)
         if backend == "sparse":
-            assert any("casts" in note for note in built.notes)
+            # Every layer (7x7 stem included) runs the fp16 kernel, in NCHW, with no casts.
+            assert any("fp16 Escort kernel" in note for note in built.notes), built.notes
+            assert not built.channels_last
+            ops = [m for m in built.module.modules() if isinstance(m, SparseConv)]
+            assert ops and all(op.runs_natively(torch.float16) for op in ops)
 
 
 @pytest.mark.parametrize("lowering", ["im2col-cublas", "im2col-cusparse"])

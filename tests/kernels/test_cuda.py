@@ -59,8 +59,7 @@ def test_every_candidate_config(seed: int) -> None:
     geometry = plan.geometry(hw)
     expected = case.expected()
     for config in candidate_configs(geometry, n, plan.density):
-        plan._tuned[(hw[0], hw[1], n)] = config
-        plan._fast.clear()
+        plan.use_config(hw, n, config)
         y = _run(plan, case, _poisoned(plan, case.x))
         assert_matches(y, expected)
 
@@ -74,7 +73,7 @@ def test_direct_kernel_matches_conv2d(seed: int) -> None:
     p = DIRECT_PIXELS_PER_LANE[seed % len(DIRECT_PIXELS_PER_LANE)]
     warps = DIRECT_WARPS[seed // 3 % len(DIRECT_WARPS)]
     splits = [s for s in DIRECT_SPLITS if warps % s == 0][seed // 6 % 3]
-    plan._tuned[(hw[0], hw[1], n)] = DirectConfig(p, warps, splits)
+    plan.use_config(hw, n, DirectConfig(p, warps, splits))
     y = _run(plan, case, _poisoned(plan, case.x))
     assert_matches(y, case.expected())
 
@@ -88,7 +87,7 @@ def test_split_workspace_is_left_clean() -> None:
     configs = candidate_configs(geometry, 2, plan.density)
     splits = [c for c in configs if isinstance(c, TileConfig) and c.splits > 1]
     assert splits
-    plan._tuned[(7, 9, 2)] = splits[0]
+    plan.use_config((7, 9), 2, splits[0])
     expected = None
     for _ in range(3):
         x = torch.randn(2, 96, 7, 9, generator=gen).cuda()

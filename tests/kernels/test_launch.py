@@ -125,7 +125,7 @@ def test_launch_on_another_current_device_switches_to_its_own(driver: SimpleName
 def test_plan_hot_path_fires_the_cached_launch(driver: SimpleNamespace) -> None:
     plan, launch, x = _layer(1)
     xc = x.as_subclass(_FakeCuda)
-    plan._fast[(xc.shape, "relu")] = launch
+    plan._fast[(xc.shape, xc.dtype, "relu")] = launch
     plan._device_index = 0
     y = plan(xc, activation="relu")
     assert tuple(y.shape) == launch.out_shape and y.dtype == torch.float32

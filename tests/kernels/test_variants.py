@@ -19,7 +19,7 @@ from service.kernels.tiling import candidate_configs as tiled_candidates
 
 def test_each_variant_is_registered_once_and_owns_its_config_type() -> None:
     names = [v.name for v in variants.VARIANTS]
-    assert names == ["tiled", "direct"] and len(set(names)) == len(names)
+    assert names == ["tiled", "direct", "direct-half"] and len(set(names)) == len(names)
     assert len({v.config_type for v in variants.VARIANTS}) == len(names)
     assert variants.variant_for(DirectConfig(2, 8, 2)) is DIRECT
     assert variants.variant_for(default_config(_geometry(56), 16, 0.1)) is TILED
@@ -38,10 +38,10 @@ def test_kernel_version_follows_the_sources(monkeypatch: pytest.MonkeyPatch) -> 
     version = variants.KERNEL_VERSION
     assert len(version) == 12 and version == variants._version()
     changed = dataclasses.make_dataclass("Changed", [])()
-    for attr in ("name", "source", "params_dtype", "kernel_names"):
+    for attr in ("name", "dtype", "source", "params_dtype", "kernel_names"):
         setattr(changed, attr, getattr(DIRECT, attr))
     changed.source = DIRECT.source + "\n// one more line\n"
-    monkeypatch.setattr(variants, "VARIANTS", (TILED, changed))
+    monkeypatch.setattr(variants, "VARIANTS", (TILED, changed, *variants.VARIANTS[2:]))
     assert variants._version() != version
 
 

@@ -20,10 +20,10 @@ import torch
 from service.kernels.direct import DirectConfig
 from service.kernels.direct_half import DirectHalfConfig
 from service.kernels.stretched_csr import ConvGeometry
-from service.kernels.tiling import TileConfig
+from service.kernels.tiling import TileConfig, TileHalfConfig
 from service.kernels.variants import VARIANTS
 
-KernelConfig = TileConfig | DirectConfig | DirectHalfConfig
+KernelConfig = TileConfig | TileHalfConfig | DirectConfig | DirectHalfConfig
 
 
 def _ranked(

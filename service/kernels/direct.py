@@ -216,7 +216,7 @@ class DirectVariant:
     name = "direct"
     dtype = torch.float32  # of the input, output and residual
     config_type = DirectConfig
-    source = DIRECT_SOURCE
+    sources = (DIRECT_SOURCE,)
     kernel_names = DIRECT_KERNEL_NAMES
     params_dtype = DIRECT_PARAMS_DTYPE
 

@@ -117,7 +117,7 @@ class TiledVariant:
     name = "tiled"
     dtype = torch.float32  # of the input, output and residual
     config_type = TileConfig
-    source = SOURCE
+    sources = (SOURCE,)
     kernel_names = KERNEL_NAMES
     params_dtype = PARAMS_DTYPE
 
@@ -132,6 +132,9 @@ class TiledVariant:
 
     def candidates(self, geometry: ConvGeometry, batch: int, density: float) -> list[TileConfig]:
         return tiled_candidates(geometry, batch, density)
+
+    def kernel_name(self, config: TileConfig) -> str:
+        return kernel_name(config.pixels_per_lane, config.rows_per_warp)
 
     def meta_key(self, config: TileConfig) -> Hashable:
         return config  # each tiling has its own records
@@ -171,7 +174,7 @@ class TiledVariant:
             "counters": 0 if counters is None else counters.data_ptr(),
         }
         return assemble_launch(
-            kernel_name(config.pixels_per_lane, config.rows_per_warp),
+            self.kernel_name(config),
             device_index,
             grid,
             config.threads,

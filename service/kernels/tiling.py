@@ -109,6 +109,43 @@ class TileConfig:
         n_t, h_t, w_t = self.tiles(geometry, batch)
         return n_t * h_t * w_t * self.row_blocks(geometry)
 
+    def column(self, geometry: ConvGeometry, col: torch.Tensor) -> torch.Tensor:
+        """The word of a staged window row that holds window column `col`."""
+        return col
+
+    def value_bits(self, values: torch.Tensor) -> torch.Tensor:
+        """A record's value as the kernel reads it (int32 bits): the fp32 weight."""
+        return values.view(torch.int32)
+
+
+@dataclass(frozen=True)
+class TileHalfConfig(TileConfig):
+    """The fp16 tiled kernel's config (escort_conv_half, tiled_half_cuda.py): the same
+    decomposition, counted in pixels, each lane's pixels taken in horizontal pairs (so tile
+    rows are even), a staged word per window cell holding the half2 a pair reads, even and odd
+    columns in the two halves of a row, and no split over chunks."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tile_w % 2:
+            raise ValueError(f"fp16 tiles have even rows (pixel pairs): {self}")
+        if self.splits != 1:
+            raise ValueError(f"the fp16 tiled kernel does not split its chunks: {self}")
+
+    @property
+    def pairs_per_lane(self) -> int:
+        return self.pixels_per_lane // 2
+
+    def column(self, geometry: ConvGeometry, col: torch.Tensor) -> torch.Tensor:
+        half = (self.window(geometry)[1] + 1) // 2
+        return (col % 2) * half + col // 2
+
+    def value_bits(self, values: torch.Tensor) -> torch.Tensor:
+        """The half2 (v, v) as int32 bits: one HFMA2 multiplies both pixels of a pair."""
+        h = values.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+        word = h | (h << 16)
+        return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
 
 def _tile_for(geometry: ConvGeometry, batch: int, p: int) -> tuple[int, int, int]:
     """(NB, TH, TW) for P pixels per lane: the tile that wastes the fewest lanes, then the one
@@ -164,11 +201,17 @@ def bank_conflicts(
     return sum(worst) / len(worst) if worst else 1.0
 
 
-def _best_pitch(geometry: ConvGeometry, p: int, tile: tuple[int, int, int]) -> int:
+def _best_pitch(
+    geometry: ConvGeometry, p: int, tile: tuple[int, int, int], pairs: bool = False
+) -> int:
     """The narrowest row stride, at most 2.5x the window width, with the fewest bank
-    conflicts on the inner loop's loads (a 2-way conflict halves shared-memory throughput)."""
+    conflicts on the inner loop's loads (a 2-way conflict halves shared-memory throughput).
+    With `pairs` (the fp16 kernel) a lane's loads are its p / 2 pairs, one word each, a pair
+    of tile columns (2t, 2t + 1) at word t * stride_w of the row's even or odd half."""
     (_, s), (_, dw), (sh, sw) = geometry.kernel_size, geometry.dilation, geometry.stride
     tiw = (tile[2] - 1) * sw + (s - 1) * dw + 1
+    if pairs:
+        p, tile = p // 2, (tile[0], tile[1], tile[2] // 2)
     best, best_cost = tiw, bank_conflicts(p, tile, sh, sw, tiw)
     for pitch in range(tiw + 1, int(tiw * 2.5) + 1):
         cost = bank_conflicts(p, tile, sh, sw, pitch)
@@ -186,14 +229,21 @@ def make_config(
     splits: int | None = None,
     tile: tuple[int, int, int] | None = None,
     pad_banks: bool = True,
+    half: bool = False,
 ) -> TileConfig | None:
     """The config with P pixels per lane and `rows_per_block` rows, or None if it cannot be
     built (too many accumulators, or a window too large to stage). `density` (nonzeros per
     weight) sizes the metadata buffer; `splits` None picks enough splits to fill the GPU;
     `tile` (NB, TH, TW) overrides the tile; `pad_banks` widens the shared rows when that
-    removes bank conflicts."""
+    removes bank conflicts. `half` makes the fp16 kernel's TileHalfConfig: the tile's rows
+    rounded up to even, no split."""
     nb, th, tw = tile or _tile_for(geometry, batch, p)
-    if nb * th * tw > 32 * p:
+    if half:
+        tw += tw % 2
+        th = min(th, 32 * p // tw)
+        nb = max(1, min(nb, 32 * p // (th * tw))) if th else nb
+        splits = 1
+    if th < 1 or nb * th * tw > 32 * p:
         return None
     warps = max(1, min(8, rows_per_block))
     kw = max(1, rows_per_block // warps)
@@ -201,7 +251,7 @@ def make_config(
         return None
     (r, s), (dh, dw), (sh, sw) = geometry.kernel_size, geometry.dilation, geometry.stride
     tiw = (tw - 1) * sw + (s - 1) * dw + 1
-    pitch = _best_pitch(geometry, p, (nb, th, tw)) if pad_banks else tiw
+    pitch = _best_pitch(geometry, p, (nb, th, tw), pairs=half) if pad_banks else tiw
     per_channel = nb * ((th - 1) * sh + (r - 1) * dh + 1) * pitch
     kb = warps * kw
     span = _max_block_span(geometry, kb)
@@ -211,7 +261,8 @@ def make_config(
     if not fits_shared(cc * per_channel, _record_estimate(kb, cc, geometry, density)):
         return None
     pitch_field = 0 if pitch == tiw else pitch
-    config = TileConfig(p, kw, warps, nb, th, tw, cc, pitch=pitch_field)
+    kind = TileHalfConfig if half else TileConfig
+    config = kind(p, kw, warps, nb, th, tw, cc, pitch=pitch_field)
     chunks = -(-span // cc)
     if splits is None:
         blocks = config.blocks(geometry, batch)
@@ -220,7 +271,7 @@ def make_config(
     if splits > chunks:  # smaller chunks, so that every split has one
         cc = -(-span // splits)
         splits = -(-span // cc)
-    return TileConfig(p, kw, warps, nb, th, tw, cc, splits, pitch_field)
+    return kind(p, kw, warps, nb, th, tw, cc, splits, pitch_field)
 
 
 def _row_tile(geometry: ConvGeometry, p: int) -> tuple[int, int, int] | None:
@@ -379,7 +430,9 @@ def _build_meta(weight: SparseWeight, geometry: ConvGeometry, config: TileConfig
     rel = chan_abs - blocks[block, 0]
     chunk, local = rel // cc, rel % cc
     pitch = config.row_pitch(geometry)
-    offset = (local * tih + weight.taps_r * dh) * pitch + weight.taps_s * dw
+    offset = (local * tih + weight.taps_r * dh) * pitch + config.column(
+        geometry, weight.taps_s * dw
+    )
     record = block * max_chunks + chunk
     row_in_block = pos % kb
     # Group by record, then row; stable, so each row keeps its (c, r, s) order.
@@ -403,7 +456,7 @@ def _build_meta(weight: SparseWeight, geometry: ConvGeometry, config: TileConfig
     torch.cumsum(lengths - header, 0, out=first_in_record[1:])
     rank = torch.arange(weight.nnz) - first_in_record[sorted_record]
     where = starts[sorted_record] + header + rank
-    meta[where, 0] = weight.values[order].view(torch.int32)
+    meta[where, 0] = config.value_bits(weight.values[order])
     meta[where, 1] = (4 * offset[order]).to(torch.int32)  # bytes: the kernel adds addresses
 
     recptr = torch.cat(

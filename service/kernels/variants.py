@@ -22,13 +22,16 @@ from service.kernels.direct_half import DIRECT_HALF
 from service.kernels.launch import KernelLaunch
 from service.kernels.stretched_csr import ConvGeometry, SparseWeight
 from service.kernels.tiled import TILED
+from service.kernels.tiled_half import TILED_HALF
 
 
 class KernelVariant(Protocol):
     name: str  # as the benchmark and the tuning records name it
     dtype: torch.dtype  # of the input, output and residual it reads and writes
     config_type: type  # a frozen dataclass: one launch configuration of this kernel
-    source: str  # CUDA C++ for NVRTC (variants may share one, each instantiating its own)
+    # CUDA C++ for NVRTC, in parts: the module holds each distinct part once, in registry
+    # order, so variants share a source (or build on another's helpers) by naming its part.
+    sources: tuple[str, ...]
     kernel_names: tuple[str, ...]  # the instantiations to compile
     params_dtype: np.dtype  # its parameter struct, field for field
 
@@ -62,14 +65,14 @@ class KernelVariant(Protocol):
     ) -> KernelLaunch: ...
 
 
-VARIANTS: tuple[KernelVariant, ...] = (TILED, DIRECT, DIRECT_HALF)
+VARIANTS: tuple[KernelVariant, ...] = (TILED, DIRECT, TILED_HALF, DIRECT_HALF)
 
 _BY_CONFIG = {variant.config_type: variant for variant in VARIANTS}
 
 
 def sources() -> str:
     """The CUDA module's code: each distinct source once, in registry order."""
-    return "".join(dict.fromkeys(variant.source for variant in VARIANTS))
+    return "".join(dict.fromkeys(part for variant in VARIANTS for part in variant.sources))
 
 
 def dtypes() -> tuple[torch.dtype, ...]:
@@ -90,7 +93,8 @@ def _version() -> str:
     for variant in VARIANTS:
         digest.update(variant.name.encode())
         digest.update(str(variant.dtype).encode())
-        digest.update(variant.source.encode())
+        for part in variant.sources:
+            digest.update(part.encode())
         digest.update(repr(variant.params_dtype.descr).encode())
         digest.update(repr(variant.kernel_names).encode())
     return digest.hexdigest()[:12]

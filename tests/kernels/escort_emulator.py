@@ -24,17 +24,14 @@ def emulate(
     cfg = meta.config
     xs = x.double().numpy()
     records = meta.meta.numpy()
-    flat_ints = records.reshape(-1)
     values = records[:, 0].copy().view(np.float32).astype(np.float64)
     byte_offsets = records[:, 1].astype(np.int64)
     offsets = byte_offsets // 4
-    recptr = meta.recptr.numpy().reshape(-1)
     perm = meta.perm.numpy()
     blocks = meta.blocks.numpy()
     n_img, c_in, h, w = xs.shape
     k_out, oh_n, ow_n = p["K"], p["OH"], p["OW"]
     out = np.full((n_img, k_out, oh_n, ow_n), np.nan)
-    tiles_n = -(-n_img // p["NB"])
     lanes = np.arange(32)
     tile_pixels = p["TH"] * p["TW"]
     image_floats = p["CC"] * p["TIH"] * p["pitch"]
@@ -55,12 +52,7 @@ def emulate(
     padding_cell = iw >= p["TIW"]
     s_nb, s_cl = q // p["CC"], q % p["CC"]
 
-    for bx in range(tiles_n * p["tiles_h"] * p["tiles_w"]):
-        tile_w = bx % p["tiles_w"]
-        tile_h = (bx // p["tiles_w"]) % p["tiles_h"]
-        tile_n = bx // (p["tiles_w"] * p["tiles_h"])
-        n0, oh0, ow0 = tile_n * p["NB"], tile_h * p["TH"], tile_w * p["TW"]
-        ih0, iw0 = oh0 * p["sh"] - p["pt"], ow0 * p["sw"] - p["pl"]
+    for bx, (n0, oh0, ow0, ih0, iw0) in enumerate(tile_origins(p, n_img)):
         for by in range(len(blocks)):
             c_first, c_count = (int(v) for v in blocks[by])
             nchunks = -(-c_count // p["CC"])
@@ -75,22 +67,7 @@ def emulate(
                     buf = np.zeros(p["chunk_floats"])
                     buf[ok] = xs[n[ok], c0 + s_cl[ok], gh[ok], gw[ok]]
                     buf[padding_cell] = np.nan  # never staged: reading one would poison a sum
-                    rec_beg = recptr[by * p["rec_stride"] + j]
-                    rec_end = recptr[by * p["rec_stride"] + j + 1]
-                    if rec_end - rec_beg > p["record_max"]:
-                        raise IndexError("record longer than the shared buffer")
-                    header = flat_ints[2 * rec_beg : 2 * rec_beg + rows_per_block + 1]
-                    for r in range(rows_per_block):
-                        if by * rows_per_block + r >= k_out:
-                            continue
-                        beg = rec_beg + p["header"] + header[r]
-                        end = rec_beg + p["header"] + header[r + 1]
-                        if end > rec_end or beg > end:
-                            raise IndexError("row segment outside its record")
-                        if end == beg:
-                            continue
-                        if np.any(byte_offsets[beg:end] % 4):
-                            raise ValueError("offsets must be whole floats")
+                    for r, beg, end in row_segments(meta, p, by, j, k_out):
                         idx = sbase[None] + offsets[beg:end, None, None]
                         if idx.min() < 0 or idx.max() >= p["chunk_floats"]:
                             raise IndexError(f"shared read outside the chunk (block {bx},{by})")
@@ -113,6 +90,45 @@ def emulate(
                     val = np.clip(val, 0.0, 6.0)
                 out[n[valid], k, oh[valid], ow[valid]] = val
     return torch.from_numpy(out)
+
+
+def tile_origins(p: dict[str, int], n_img: int):
+    """Per block column (blockIdx.x), as the kernel decodes it: the tile's first image,
+    output row and column, and where its input window starts."""
+    tiles_n = -(-n_img // p["NB"])
+    for bx in range(tiles_n * p["tiles_h"] * p["tiles_w"]):
+        tile_w = bx % p["tiles_w"]
+        tile_h = (bx // p["tiles_w"]) % p["tiles_h"]
+        tile_n = bx // (p["tiles_w"] * p["tiles_h"])
+        n0, oh0, ow0 = tile_n * p["NB"], tile_h * p["TH"], tile_w * p["TW"]
+        yield n0, oh0, ow0, oh0 * p["sh"] - p["pt"], ow0 * p["sw"] - p["pl"]
+
+
+def row_segments(meta: EscortMeta, p: dict[str, int], by: int, j: int, k_out: int):
+    """(row in block, first, end) of each non-empty row segment in the record of row block
+    `by`, chunk `j`, checked as the kernel relies on: the record fits its shared buffer, each
+    segment lies inside it, and offsets are whole 4-byte words."""
+    records = meta.meta.numpy()
+    flat_ints = records.reshape(-1)
+    recptr = meta.recptr.numpy().reshape(-1)
+    rows_per_block = meta.config.rows_per_block
+    rec_beg = recptr[by * p["rec_stride"] + j]
+    rec_end = recptr[by * p["rec_stride"] + j + 1]
+    if rec_end - rec_beg > p["record_max"]:
+        raise IndexError("record longer than the shared buffer")
+    header = flat_ints[2 * rec_beg : 2 * rec_beg + rows_per_block + 1]
+    for r in range(rows_per_block):
+        if by * rows_per_block + r >= k_out:
+            continue
+        beg = rec_beg + p["header"] + header[r]
+        end = rec_beg + p["header"] + header[r + 1]
+        if end > rec_end or beg > end:
+            raise IndexError("row segment outside its record")
+        if end == beg:
+            continue
+        if np.any(records[beg:end, 1] % 4):
+            raise ValueError("offsets must be whole 4-byte words")
+        yield r, beg, end
 
 
 def staged_indices(p: dict[str, int], threads: int) -> list[int]:

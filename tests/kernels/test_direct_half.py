@@ -13,6 +13,8 @@ from service.kernels.direct import DirectConfig, direct_candidates
 from service.kernels.direct_cuda import DIRECT_PIXELS_PER_LANE, DIRECT_SPLITS
 from service.kernels.direct_half import DIRECT_HALF, DirectHalfConfig
 from service.kernels.stretched_csr import make_geometry
+from service.kernels.tiled_half import TILED_HALF
+from service.kernels.tiling import TileHalfConfig
 from service.kernels.variants import variant_for
 from tests.kernels.conftest import prune, random_case
 
@@ -39,18 +41,22 @@ def test_half_configs_are_their_own_and_find_the_half_variant() -> None:
 def test_an_fp16_layer_is_offered_only_fp16_configs(hw: int, batch: int) -> None:
     geometry = _geometry(hw)
     half = candidate_configs(geometry, batch, 0.1, dtype=HALF)
-    assert half and all(isinstance(c, DirectHalfConfig) for c in half)
-    assert half == [DirectHalfConfig(c.pixels_per_lane, c.warps, c.splits)
-                    for c in direct_candidates(geometry, batch, 0.1)]  # fmt: skip
+    assert half and all(variant_for(c).dtype == HALF for c in half)
+    direct = [DirectHalfConfig(c.pixels_per_lane, c.warps, c.splits)
+              for c in direct_candidates(geometry, batch, 0.1)]  # fmt: skip
+    assert set(direct) <= set(half)  # no limit: every fp16 direct candidate is offered
     assert default_config(geometry, batch, 0.1, HALF) == half[0]
-    assert not any(isinstance(c, DirectHalfConfig) for c in candidate_configs(geometry, batch))
+    assert all(variant_for(c).dtype == torch.float32 for c in candidate_configs(geometry, batch))
 
 
-def test_a_shape_no_fp16_variant_takes_is_refused_clearly() -> None:
-    big = make_geometry((64, 3, 11, 11), (64, 64), 4, 2, 1, 1)  # 121 taps: past the mask
-    assert candidate_configs(big, 1, 0.5, dtype=HALF) == []
+def test_a_shape_no_fp16_variant_takes_is_refused_clearly(monkeypatch) -> None:
+    stem = make_geometry((64, 3, 11, 11), (64, 64), 4, 2, 1, 1)  # 121 taps: past the mask
+    kinds = {type(c) for c in candidate_configs(stem, 1, 0.5, dtype=HALF)}
+    assert kinds == {TileHalfConfig}  # the direct kernel cannot take it, the tiled one can
+    monkeypatch.setattr(TILED_HALF, "supports", lambda geometry: False)
+    assert candidate_configs(stem, 1, 0.5, dtype=HALF) == []
     with pytest.raises(ValueError, match="no torch.float16 kernel variant"):
-        default_config(big, 1, 0.5, HALF)
+        default_config(stem, 1, 0.5, HALF)
 
 
 def test_a_plan_on_the_cpu_runs_fp32_only() -> None:

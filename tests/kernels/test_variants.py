@@ -19,7 +19,9 @@ from service.kernels.tiling import candidate_configs as tiled_candidates
 
 def test_each_variant_is_registered_once_and_owns_its_config_type() -> None:
     names = [v.name for v in variants.VARIANTS]
-    assert names == ["tiled", "direct", "direct-half"] and len(set(names)) == len(names)
+    assert names == ["tiled", "direct", "tiled-half", "direct-half"] and len(set(names)) == len(
+        names
+    )
     assert len({v.config_type for v in variants.VARIANTS}) == len(names)
     assert variants.variant_for(DirectConfig(2, 8, 2)) is DIRECT
     assert variants.variant_for(default_config(_geometry(56), 16, 0.1)) is TILED
@@ -30,17 +32,17 @@ def test_each_variant_is_registered_once_and_owns_its_config_type() -> None:
     for variant in variants.VARIANTS:
         assert variant.kernel_names
         for name in variant.kernel_names:
-            assert name.partition("<")[0] in variant.source
-        assert "sconv_shm_port" not in variant.source
+            assert name.partition("<")[0] in "".join(variant.sources)
+        assert "sconv_shm_port" not in "".join(variant.sources)
 
 
 def test_kernel_version_follows_the_sources(monkeypatch: pytest.MonkeyPatch) -> None:
     version = variants.KERNEL_VERSION
     assert len(version) == 12 and version == variants._version()
     changed = dataclasses.make_dataclass("Changed", [])()
-    for attr in ("name", "dtype", "source", "params_dtype", "kernel_names"):
+    for attr in ("name", "dtype", "sources", "params_dtype", "kernel_names"):
         setattr(changed, attr, getattr(DIRECT, attr))
-    changed.source = DIRECT.source + "\n// one more line\n"
+    changed.sources = (DIRECT.sources[0] + "\n// one more line\n",)
     monkeypatch.setattr(variants, "VARIANTS", (TILED, changed, *variants.VARIANTS[2:]))
     assert variants._version() != version
 

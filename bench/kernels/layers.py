@@ -312,8 +312,8 @@ def config_record(config: Any) -> dict[str, Any]:
 
 
 def profile(layers: list[Layer], args: argparse.Namespace) -> int:
-    """Launches each shape's default config three times and the sconv_shm port once, for an
-    external profiler."""
+    """Launches each shape's default config three times (the fp16 kernel's too, with
+    escort_fp16 in --methods) and the sconv_shm port once, for an external profiler."""
     for layer in layers:
         for batch in args.batch:
             gen = torch.Generator().manual_seed(args.seed)
@@ -325,6 +325,15 @@ def profile(layers: list[Layer], args: argparse.Namespace) -> int:
                 plan.prepare((layer.hw, layer.hw), batch_sizes=(batch,))
                 for _ in range(3):
                     plan(x, impl="cuda")
+                if "escort_fp16" in args.methods.split(","):
+                    plan.prepare(
+                        (layer.hw, layer.hw), batch_sizes=(batch,), dtypes=(torch.float16,)
+                    )
+                    xh = x.half()
+                    for _ in range(3):
+                        plan(xh, impl="cuda")
+                    half = plan.config_for((layer.hw, layer.hw), batch, torch.float16)
+                    print(f"{layer.name} b{batch} s{sparsity} fp16: {half}")
                 port = bm.port_runner(
                     weight,
                     torch.zeros(layer.k, device="cuda"),

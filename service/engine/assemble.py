@@ -26,6 +26,7 @@ from service.engine.backends import (
 )
 from service.engine.build import PreparedModel, materialize
 from service.engine.errors import BackendUnavailableError
+from service.engine.guard import ModelTimer, check_whole_model, guard_notes, make_model_timer
 from service.engine.lowering import LOWERINGS, lowered_op
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class BuiltModel:
     choices: dict[str, dict[int, str]] = field(default_factory=dict)
     timings: dict[str, LayerTimings] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # auto only: bucket -> whole-model seconds of the mix, all dense, all sparse, and the kept
+    whole_model: dict[int, dict[str, float | str]] = field(default_factory=dict)
 
 
 def precision_notes(
@@ -97,11 +100,13 @@ def build_backend(
     on_layer: Callable[[str], None] | None = None,
     sparse_ops: dict[str, SparseConv] | None = None,
     tune_kernel: bool = True,
+    model_timer: ModelTimer | None = None,
 ) -> BuiltModel:
     """Materialize `backend` ("dense", "sparse", "auto" or a lowering) on `device`.
 
     auto builds both ops of every layer, times them at each bucket (or takes the cached
-    decision) and keeps both, switching per bucket."""
+    decision) and keeps both, switching per bucket; then, on CUDA (or with `model_timer`),
+    checks each bucket as a whole model (guard.py)."""
     dtype = compute_dtype(precision, device)
     # cuDNN's fp16 convs are fastest channels-last; the fp16 sparse kernel reads NCHW, so an
     # all-sparse fp16 model stays NCHW (auto times its sparse ops with channels-last inputs,
@@ -111,6 +116,7 @@ def build_backend(
     choices: dict[str, dict[int, str]] = {}
     timings: dict[str, LayerTimings] = {}
     sparse: dict[str, SparseConv] = {}
+    autos: dict[str, AutoConv] = {}
 
     # Sparse ops hold fp32 plans that run every dtype they were made ready for, so the sparse
     # and auto builds of one model (and every precision of them) share one set, each layer
@@ -174,7 +180,8 @@ def build_backend(
             choice = choices[layer.name]
             if set(choice.values()) == {"dense"} or not sparse:
                 return dense[layer.name]
-            return AutoConv(layer, dense[layer.name], sparse[layer.name], choice)
+            autos[layer.name] = AutoConv(layer, dense[layer.name], sparse[layer.name], choice)
+            return autos[layer.name]
 
         module = materialize(prepared, auto_op)
     else:
@@ -185,7 +192,18 @@ def build_backend(
         module = module.to(dtype)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
+    module = module.eval()
+    whole_model: dict[int, dict[str, float | str]] = {}
+    if autos and (model_timer is not None or device.type == "cuda"):
+        model_timer = model_timer or make_model_timer(
+            device, precision, dtype, prepared.input_shape, channels_last
+        )
+        whole_model = check_whole_model(module, buckets, model_timer)
+        for name, op in autos.items():
+            choices[name] = dict(op.choice)
+        notes += guard_notes(whole_model)
     notes += precision_notes(backend, precision, device, sparse, channels_last)
     return BuiltModel(
-        module.eval(), backend, precision, device, dtype, channels_last, choices, timings, notes
-    )
+        module, backend, precision, device, dtype, channels_last, choices, timings, notes,
+        whole_model,
+    )  # fmt: skip

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Issue 11's device call: the kernel GPU tests, then the measurements that answer its table, in
+# stages (each fits one 600 s call with the others left out):
+#   RUN_NAME=kernels-run5 bash bench/kernels/session.sh tests layers
+#   RUN_NAME=kernels-run5b bash bench/kernels/session.sh model ncu
+# Carry the wheels (WHEELS, default .gpu-wheels-lean) and .gpu-debs. Everything lands in
+# $OUT/$RUN_NAME, packed into $OUT/$RUN_NAME.tar.gz (the device tool returns at most 8 files).
+#   tests   pytest tests/kernels tests/engine -m gpu (~4 min with the fp16 cases)
+#   layers  escort bench layers: fp32 and fp16 kernels against cuDNN fp16/TF32 and the lowerings,
+#           90% and 95%, batch 1, 16, 64 (LAYERS_ARGS overrides; ~5 min)
+#   model   escort bench model: resnet50-uniform90, fp32 and fp16 configs, batch 1 and 64 (~4 min)
+#   ncu     Nsight Compute on two suite layers at batch 16, fp32 tiled against fp16 tiled (~2 min)
+set -uo pipefail
+: "${OUT:=gpu-out}" "${RUN_NAME:=kernels}"
+R="$OUT/$RUN_NAME"
+mkdir -p "$R"
+WHEELS=${WHEELS:-.gpu-wheels-lean}
+source bench/device_env.sh
+
+status=0
+for stage in "$@"; do
+  echo "=== $stage $(date -u +%H:%M:%S)" | tee -a "$R/stages.log"
+  case "$stage" in
+    tests)
+      python3 -m pytest tests/kernels tests/engine -m gpu -q -p no:cacheprovider \
+        >"$R/gpu-tests.log" 2>&1
+      tail -5 "$R/gpu-tests.log" ;;
+    layers)
+      python3 -m bench.kernels.layers --out "$R" --quiet \
+        ${LAYERS_ARGS:---sparsity 0.9,0.95 --batch 1,16,64 --reps 30} 2>"$R/layers.err" | tail -30 ;;
+    model)
+      python3 -m service.engine.bench --out "$R" --cache-dir /tmp/escort-cache --no-progress \
+        --models resnet50-uniform90 --batches 1,64 \
+        --configs dense-fp32,dense-tf32,dense-fp16,sparse-fp32,auto-fp32,sparse-fp16,auto-fp16 \
+        2>&1 | tail -30 ;;
+    ncu)
+      for layer in resnet50.l3.3x3 vgg16.conv4_2; do
+        for methods in escort escort,escort_fp16; do
+          ncu --target-processes all --kernel-name regex:'escort_(conv|direct)' --launch-count 6 \
+            --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+            --section Occupancy --section WarpStateStats --csv \
+            python3 -m bench.kernels.layers --profile --layers "$layer" --batch 16 --sparsity 0.9 \
+              --methods "$methods" >"$R/ncu-$layer-${methods//,/-}.csv" 2>>"$R/ncu.err"
+        done
+      done
+      ls -la "$R"/ncu-* ;;
+    *) echo "unknown stage $stage"; status=2 ;;
+  esac
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+done
+tar -czf "$OUT/$RUN_NAME.tar.gz" -C "$OUT" "$RUN_NAME" && rm -rf "$R"
+exit $status

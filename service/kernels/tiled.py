@@ -1,7 +1,7 @@
 """The tiled variant: `escort_conv<P, KW>` (escort_cuda.py), its parameter struct and launch.
 
 Each block stages a tile's input window in shared memory and reuses it across a block of
-output channels (tiling.py chooses the tiles and builds the metadata). It wins once a layer
+output channels (tiling.py chooses the tiles, tiled_meta.py builds the metadata). It wins once a layer
 has enough tiles to fill the GPU; when it has to split its channel loop over blocks to do so
 (batch 1 on small maps), it ranks behind the direct variant.
 """
@@ -16,7 +16,8 @@ import torch
 from service.kernels.escort_cuda import KERNEL_NAMES, SOURCE, kernel_name
 from service.kernels.launch import ACTIVATION_CODES, KernelLaunch, assemble_launch
 from service.kernels.stretched_csr import ConvGeometry, SparseWeight
-from service.kernels.tiling import EscortMeta, TileConfig, build_meta
+from service.kernels.tiled_meta import EscortMeta, build_meta
+from service.kernels.tiling import TileConfig
 from service.kernels.tiling import candidate_configs as tiled_candidates
 from service.kernels.tiling import default_config as tiled_default
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from service.kernels.tiling import EscortMeta
+from service.kernels.tiled_meta import EscortMeta
 
 
 def emulate(

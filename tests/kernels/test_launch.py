@@ -16,7 +16,8 @@ import torch
 from service.kernels import SparseConvPlan, tiled
 from service.kernels import cuda as cuda_backend
 from service.kernels import launch as kernel_launch
-from service.kernels.tiling import build_meta, default_config
+from service.kernels.tiled_meta import build_meta
+from service.kernels.tiling import default_config
 
 STREAM = 0x5EED
 

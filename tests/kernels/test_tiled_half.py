@@ -15,11 +15,11 @@ from service.kernels.direct_half import DirectHalfConfig
 from service.kernels.stretched_csr import SparseWeight, make_geometry
 from service.kernels.tiled import kernel_params
 from service.kernels.tiled_half import TILED_HALF, half_candidates, half_default
+from service.kernels.tiled_meta import build_meta
 from service.kernels.tiling import (
     MAX_ACCUMULATORS,
     TileConfig,
     TileHalfConfig,
-    build_meta,
     fits_shared,
 )
 from service.kernels.variants import variant_for

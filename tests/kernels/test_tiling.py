@@ -10,10 +10,10 @@ import torch
 
 from service.kernels.stretched_csr import SparseWeight, make_geometry
 from service.kernels.tiled import kernel_params
+from service.kernels.tiled_meta import build_meta
 from service.kernels.tiling import (
     MAX_ACCUMULATORS,
     STAGE_FLOATS,
-    build_meta,
     candidate_configs,
     default_config,
 )

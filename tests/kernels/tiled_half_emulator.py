@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from service.kernels.tiling import EscortMeta
+from service.kernels.tiled_meta import EscortMeta
 from tests.kernels.escort_emulator import row_segments, tile_origins
 
 

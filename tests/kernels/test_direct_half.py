@@ -165,16 +165,35 @@ def test_half_kernel_on_model_sized_layers_with_a_skewed_mask(
 
 
 @pytest.mark.gpu
-def test_an_unprepared_dtype_inside_a_capture_runs_fp32() -> None:
-    """In a CUDA graph no metadata can be built: an fp16 call the plan was not prepared for
-    runs the fp32 kernel (and casts), and still answers right."""
+def test_an_fp16_call_outside_a_capture_prepares_its_kernel() -> None:
     _needs_gpu()
     gen = torch.Generator().manual_seed(5)
     weight = prune(torch.randn(32, 16, 3, 3, generator=gen), 0.8, gen).cuda()
     plan = SparseConvPlan(weight, padding=1)
-    plan.prepare((10, 10), batch_sizes=(2,))
+    plan.prepare((10, 10), batch_sizes=(2,))  # fp32 only
     x = torch.randn(2, 16, 10, 10, generator=gen).cuda().half()
-    plan(x)  # warm, outside the capture: prepares fp16 for this batch lazily
-    assert HALF in plan.prepared_dtypes((10, 10))
-    expected = torch.nn.functional.conv2d(x.float(), weight, padding=1)
-    assert_close_half(plan(x), expected)
+    y = plan(x)
+    assert HALF in plan.prepared_dtypes((10, 10)) and y.dtype == HALF
+    assert_close_half(y, torch.nn.functional.conv2d(x.float(), weight, padding=1))
+
+
+@pytest.mark.gpu
+def test_an_unprepared_fp16_call_inside_a_capture_runs_fp32() -> None:
+    """In a CUDA graph no metadata can be built: an fp16 call the plan was not prepared for
+    runs the fp32 kernel between two casts, captured and replayed, and answers right."""
+    _needs_gpu()
+    gen = torch.Generator().manual_seed(6)
+    weight = prune(torch.randn(32, 16, 3, 3, generator=gen), 0.8, gen).cuda()
+    plan = SparseConvPlan(weight, padding=1)
+    plan.prepare((10, 10), batch_sizes=(2,))  # fp32 only
+    x = torch.randn(2, 16, 10, 10, generator=gen).cuda().half()
+    plan(x.float())  # the fp32 launch exists before the capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side), torch.cuda.graph(graph):
+        y = plan(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert HALF not in plan.prepared_dtypes((10, 10)) and y.dtype == HALF
+    assert_close_half(y, torch.nn.functional.conv2d(x.float(), weight, padding=1))

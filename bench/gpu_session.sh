@@ -20,7 +20,7 @@ for stage in "$@"; do
     engine-tests) python3 -m pytest tests/engine -m gpu -q --maxfail=3 -p no:cacheprovider 2>&1 | tail -30 ;;
     service-tests) python3 -m pytest tests/service tests/api -q -x -p no:cacheprovider 2>&1 | tail -15 ;;
     bench-layers) python3 -m bench.kernels.layers --out "$OUT" ${BENCH_LAYERS_ARGS:-} 2>"$OUT/bench-layers.err" | tail -40 ;;
-    bench-model) python3 -m service.engine.bench --out "$OUT" --cache-dir /tmp/escort-cache --no-progress ${BENCH_MODEL_ARGS:-} 2>&1 | tail -40 ;;
+    bench-model) python3 -m bench.model.run --out "$OUT" --cache-dir /tmp/escort-cache --no-progress ${BENCH_MODEL_ARGS:-} 2>&1 | tail -40 ;;
     service)
       ESCORT_BACKENDS=${SERVICE_BACKENDS:-sparse,dense} ESCORT_MODELS=${SERVICE_MODEL:-resnet50-uniform90} \
       ESCORT_DEVICE=cuda ESCORT_CACHE_DIR=/tmp/escort-cache ESCORT_PORT=8000 \

@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.model.run import environment, measure
 from service.engine.assemble import build_backend
 from service.engine.autotune import TuningCache
-from service.engine.bench import environment, measure
 from service.engine.build import PreparedModel, prepare_model
 from service.engine.engine import ModelSource, load_source, resolve_device
 from service.engine.profiler import op_name, profiled_layers

@@ -31,7 +31,7 @@ if [ -n "${GPU_TESTS:-}" ]; then
 fi
 
 stamp bench-model
-[ -n "${SKIP_BENCH_MODEL:-}" ] || timeout 200 python3 -m service.engine.bench --models "$MODEL" \
+[ -n "${SKIP_BENCH_MODEL:-}" ] || timeout 200 python3 -m bench.model.run --models "$MODEL" \
   --configs "dense-$PRECISION,sparse-$PRECISION" --batches 32 --cache-dir $CACHE \
   --out "$R/bench" --no-progress >"$R/bench.log" 2>&1
 [ -f "$R/bench.log" ] && tail -8 "$R/bench.log"

@@ -22,9 +22,9 @@ _COMMANDS = {
     "fetch-models": ("service.engine.fetch_cli", "check that the configured models' weights load"),
 }
 _BENCHES = {
-    # The kernel benchmark lives in the checkout's bench/, outside the installed package.
+    # The benchmarks live in the checkout's bench/, outside the installed package.
     "layers": ("bench.kernels.layers", "time the Escort kernel against cuDNN and lowering"),
-    "model": ("service.engine.bench", "time whole models on every backend"),
+    "model": ("bench.model.run", "time whole models on every backend"),
 }
 
 

@@ -29,7 +29,7 @@ for stage in "$@"; do
       python3 -m bench.kernels.layers --out "$R" --quiet \
         ${LAYERS_ARGS:---sparsity 0.9,0.95 --batch 1,16,64 --reps 30} 2>"$R/layers.err" | tail -30 ;;
     model)
-      python3 -m service.engine.bench --out "$R" --cache-dir /tmp/escort-cache --no-progress \
+      python3 -m bench.model.run --out "$R" --cache-dir /tmp/escort-cache --no-progress \
         --models resnet50-uniform90 --batches 1,64 \
         --configs dense-fp32,dense-tf32,dense-fp16,sparse-fp32,auto-fp32,sparse-fp16,auto-fp16 \
         2>&1 | tail -30 ;;

@@ -7,7 +7,8 @@ import json
 import torch
 import torchvision
 
-from service.engine import bench, bench_report
+from bench.model import report as bench_report
+from bench.model import run as bench
 from service.engine.engine import ModelSource
 from tests.engine.conftest import magnitude_prune, randomize_batchnorm
 from tests.engine.test_engine import LABELS, PREP

@@ -7,7 +7,8 @@ does, and measures:
   the median over `--reps` (batch 1: latency; larger batches: throughput = batch / time);
 - end-to-end `infer` time: numpy in, pinned copies, replay, numpy out;
 - the largest logit difference from dense fp32 on the same input (a correctness check).
-Results: bench/results/<date>-<device>-model.{json,md,png}.
+Results: bench/results/<date>-<device>-model.{json,md,png}. Lives outside the package (the serving
+process never imports it); `escort bench model` runs it from a checkout.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.engine import bench_report
+from bench.model import report as bench_report
 from service.engine.assemble import build_backend
 from service.engine.autotune import TuningCache
 from service.engine.build import PreparedModel, prepare_model

@@ -23,11 +23,16 @@ def _pinned_rows(batch: np.ndarray) -> tuple[list[np.ndarray], torch.Tensor]:
     return [array[i] for i in range(len(array))], buffer
 
 
-def test_two_batches_in_flight_answer_like_one_at_a_time() -> None:
+def _sparse_runner() -> Runner:
+    """resnet50-uniform90 on the sparse backend, graphs captured, default kernel configs."""
     _, prepared = _model("resnet50-uniform90")
-    cuda = torch.device("cuda")
-    sparse = build_backend(prepared, "sparse", cuda, "fp32", buckets=BUCKETS, tune_kernel=False)
-    runner = _runner(sparse, prepared, graphs=True)
+    sparse = build_backend(prepared, "sparse", torch.device("cuda"), "fp32", buckets=BUCKETS,
+                           tune_kernel=False)  # fmt: skip
+    return _runner(sparse, prepared, graphs=True)
+
+
+def test_two_batches_in_flight_answer_like_one_at_a_time() -> None:
+    runner = _sparse_runner()
     images = _images("resnet50-uniform90", 32)
     first, second, third = images[:32], images[:7][::-1].copy(), images[3:11]
     alone = [runner.infer(x) for x in (first, second, third)]
@@ -49,16 +54,13 @@ def test_two_batches_in_flight_answer_like_one_at_a_time() -> None:
 def test_rows_pushed_ahead_to_the_device_mirror_answer_like_rows_copied_at_launch() -> None:
     from service.engine.hostcopy import DeviceMirror, PinnedRanges
 
-    _, prepared = _model("resnet50-uniform90")
-    cuda = torch.device("cuda")
-    sparse = build_backend(prepared, "sparse", cuda, "fp32", buckets=BUCKETS, tune_kernel=False)
-    runner = _runner(sparse, prepared, graphs=True)
+    runner = _sparse_runner()
     images = _images("resnet50-uniform90", 24)
     first, second = images[:12], images[12:]
     want_first, want_second = runner.infer(first), runner.infer(second)
     rows, keep = _pinned_rows(first)  # one page-locked buffer standing in for an arena
     address, size = keep.data_ptr(), keep.numel() * keep.element_size()
-    runner.pinned, runner.mirror = PinnedRanges(), DeviceMirror(cuda)
+    runner.pinned, runner.mirror = PinnedRanges(), DeviceMirror(torch.device("cuda"))
     runner.pinned.add(address, size)
     runner.mirror.add(address, size)
     # Pushed, then the host rows changed behind the mirror's back (which the engine process

@@ -9,7 +9,9 @@
 #   layers  escort bench layers: fp32 and fp16 kernels against cuDNN fp16/TF32 and the lowerings,
 #           90% and 95%, batch 1, 16, 64 (LAYERS_ARGS overrides; ~5 min)
 #   model   escort bench model: resnet50-uniform90, fp32 and fp16 configs, batch 1 and 64 (~4 min)
-#   ncu     Nsight Compute on two suite layers at batch 16, fp32 tiled against fp16 tiled (~2 min)
+#   ncu     Nsight Compute (--set detailed) on suite layers (NCU_SPECS, layer:batch), each shape's
+#           default fp32 and fp16 configs, three launches each (~1 min a shape)
+#   TESTS overrides the tests stage's paths.
 set -uo pipefail
 : "${OUT:=gpu-out}" "${RUN_NAME:=kernels}"
 R="$OUT/$RUN_NAME"
@@ -22,7 +24,7 @@ for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)" | tee -a "$R/stages.log"
   case "$stage" in
     tests)
-      python3 -m pytest tests/kernels tests/engine -m gpu -q -p no:cacheprovider \
+      python3 -m pytest ${TESTS:-tests/kernels tests/engine} -m gpu -q -p no:cacheprovider \
         >"$R/gpu-tests.log" 2>&1
       tail -5 "$R/gpu-tests.log" ;;
     layers)
@@ -34,14 +36,12 @@ for stage in "$@"; do
         --configs dense-fp32,dense-tf32,dense-fp16,sparse-fp32,auto-fp32,sparse-fp16,auto-fp16 \
         2>&1 | tail -30 ;;
     ncu)
-      for layer in resnet50.l3.3x3 vgg16.conv4_2; do
-        for methods in escort escort,escort_fp16; do
-          ncu --target-processes all --kernel-name regex:'escort_(conv|direct)' --launch-count 6 \
-            --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-            --section Occupancy --section WarpStateStats --csv \
-            python3 -m bench.kernels.layers --profile --layers "$layer" --batch 16 --sparsity 0.9 \
-              --methods "$methods" >"$R/ncu-$layer-${methods//,/-}.csv" 2>>"$R/ncu.err"
-        done
+      for spec in ${NCU_SPECS:-resnet50.l3.3x3:16 vgg16.conv4_2:16 resnet50.l3.3x3:1}; do
+        layer=${spec%:*} batch=${spec#*:}
+        ncu --target-processes all --kernel-name regex:'escort_(conv|direct)' --launch-count 6 \
+          --set detailed --csv \
+          python3 -m bench.kernels.layers --profile --layers "$layer" --batch "$batch" \
+            --sparsity 0.9 --methods escort,escort_fp16 >"$R/ncu-$layer-b$batch.csv" 2>>"$R/ncu.err"
       done
       ls -la "$R"/ncu-* ;;
     *) echo "unknown stage $stage"; status=2 ;;

@@ -177,8 +177,10 @@ def build_backend(
             choices[name] = {b: str(t["choice"]) for b, t in per_bucket.items()} or {0: "dense"}
 
         def auto_op(layer: ConvLayer) -> ConvOp:
+            # Every layer with a sparse op stays switchable, dense-everywhere ones included:
+            # the whole-model check's "every layer sparse" must mean every layer.
             choice = choices[layer.name]
-            if set(choice.values()) == {"dense"} or not sparse:
+            if not sparse:
                 return dense[layer.name]
             autos[layer.name] = AutoConv(layer, dense[layer.name], sparse[layer.name], choice)
             return autos[layer.name]

@@ -32,8 +32,9 @@ class WholeModelTimer:
         return self.costs[batch][kind]
 
 
-# Per-layer winners: features.3 sparse at 1 and 2; features.8 sparse at 2 only. So bucket 1
-# is a real mix, bucket 2 is every switchable layer sparse, bucket 4 every one dense.
+# Per-layer winners: features.3 sparse at 1 and 2; features.8 sparse at 2 only. Every layer is
+# switchable (the ones dense at every bucket too), so buckets 1 and 2 are real mixes and
+# bucket 4 is every layer dense.
 SPARSE_WINS = {("features.3", 1), ("features.3", 2), ("features.8", 2)}
 
 
@@ -61,7 +62,7 @@ def test_a_mix_that_loses_as_a_whole_gives_way_to_the_faster_uniform_choice(
 ) -> None:
     costs = {
         1: {"mix": 1.0, "dense": 2.0, "sparse": 3.0},  # the mix wins: kept
-        2: {"dense": 0.5, "sparse": 0.8},  # its "mix" is all sparse; all dense wins by far
+        2: {"mix": 1.0, "dense": 0.5, "sparse": 0.8},  # all dense wins by far
         4: {"dense": 1.0, "sparse": 1.0},  # its "mix" is all dense; a tie keeps it
     }
     timer = WholeModelTimer(costs)
@@ -73,7 +74,7 @@ def test_a_mix_that_loses_as_a_whole_gives_way_to_the_faster_uniform_choice(
     assert [row["kept"] for _, row in sorted(built.whole_model.items())] == ["mix", "dense", "mix"]
     assert built.whole_model[2]["dense"] == 0.5
     expected_calls = [(1, "mix"), (1, "dense"), (1, "sparse")]
-    expected_calls += [(2, "sparse"), (2, "dense"), (2, "sparse")]
+    expected_calls += [(2, "mix"), (2, "dense"), (2, "sparse")]
     expected_calls += [(4, "dense"), (4, "dense"), (4, "sparse")]
     assert sorted(timer.calls) == sorted(expected_calls)
     assert any("auto at batch 2: every layer dense" in note for note in built.notes)
@@ -83,11 +84,21 @@ def test_a_mix_that_loses_as_a_whole_gives_way_to_the_faster_uniform_choice(
 def test_a_uniform_choice_within_the_margin_keeps_the_measured_mix(stand_in_plan) -> None:
     close = 1.0 - MARGIN / 2
     costs = {b: {"mix": 1.0, "dense": close, "sparse": 2.0} for b in (1, 2, 4)}
-    costs[2]["sparse"] = 1.0  # bucket 2's mix is all sparse
     built = _build(WholeModelTimer(costs), stand_in_plan)
     assert built.choices["features.3"] == {1: "sparse", 2: "sparse", 4: "dense"}
     assert built.choices["features.8"] == {1: "dense", 2: "sparse", 4: "dense"}
     assert all(row["kept"] == "mix" for row in built.whole_model.values())
+
+
+def test_every_layer_sparse_means_every_layer(stand_in_plan) -> None:
+    """A layer dense at every bucket on its own still turns sparse when the whole model runs
+    faster all sparse (the fp16 case: one layout for the whole forward)."""
+    costs = {b: {"mix": 1.0, "dense": 2.0, "sparse": 2.0} for b in (2, 4)}
+    costs[1] = {"mix": 1.0, "dense": 2.0, "sparse": 0.5}
+    built = _build(WholeModelTimer(costs), stand_in_plan)
+    assert built.choices["features.0"] == {1: "sparse", 2: "dense", 4: "dense"}
+    assert built.module.get_submodule("features.0").pick(1) == "sparse"
+    assert built.whole_model[1]["kept"] == "sparse"
 
 
 def test_without_switchable_layers_nothing_is_timed() -> None:

@@ -11,6 +11,7 @@
 #   model   escort bench model: resnet50-uniform90, fp32 and fp16 configs, batch 1 and 64 (~4 min)
 #   ncu     Nsight Compute (--set detailed) on suite layers (NCU_SPECS, layer:batch), each shape's
 #           default fp32 and fp16 configs, three launches each (~1 min a shape)
+#   sass    ncu's per-SASS-instruction counts (source page) for SASS_LAYER at batch 16 (~1 min)
 #   TESTS overrides the tests stage's paths.
 set -uo pipefail
 : "${OUT:=gpu-out}" "${RUN_NAME:=kernels}"
@@ -44,6 +45,17 @@ for stage in "$@"; do
             --sparsity 0.9 --methods escort,escort_fp16 >"$R/ncu-$layer-b$batch.csv" 2>>"$R/ncu.err"
       done
       ls -la "$R"/ncu-* ;;
+    sass)
+      # Per-instruction counts (where the issued instructions go) for one shape's kernels.
+      layer=${SASS_LAYER:-vgg16.conv4_2}
+      ncu --target-processes all --kernel-name regex:'escort_(conv|direct)' --launch-count 6 \
+        --set detailed -o "$R/sass" -f \
+        python3 -m bench.kernels.layers --profile --layers "$layer" --batch 16 --sparsity 0.9 \
+          --methods escort,escort_fp16 >"$R/sass-run.log" 2>&1
+      ncu -i "$R/sass.ncu-rep" --page source --csv --print-source sass >"$R/sass-$layer.csv" \
+        2>>"$R/sass-run.log" || ncu -i "$R/sass.ncu-rep" --page source --csv \
+        >"$R/sass-$layer.csv" 2>>"$R/sass-run.log"
+      rm -f "$R/sass.ncu-rep"; ls -la "$R"/sass-* ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || status=1

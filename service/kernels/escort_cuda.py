@@ -46,6 +46,14 @@ __device__ __forceinline__ float ld_shared(unsigned int address) {
     return v;
 }
 
+// One metadata record (value bits, byte offset) at a shared-memory byte address: the records'
+// loops run on 32-bit shared addresses, not 64-bit generic pointers.
+__device__ __forceinline__ int2 ld_shared_record(unsigned int address) {
+    int2 m;
+    asm volatile("ld.shared.v2.s32 {%0, %1}, [%2];\n" : "=r"(m.x), "=r"(m.y) : "r"(address));
+    return m;
+}
+
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" :: "n"(N));
@@ -199,6 +207,8 @@ __global__ void __launch_bounds__(256) escort_conv(
             }
             __syncthreads();
             const int* header = reinterpret_cast<const int*>(mcur);
+            const unsigned int records =
+                (unsigned int)__cvta_generic_to_shared(mcur + p.header);
             // Shared-memory byte address of each pixel in this chunk's window; offsets in the
             // metadata are bytes too, so the inner loop is one add, one load, one FMA per pixel.
             unsigned int px[P];
@@ -209,11 +219,11 @@ __global__ void __launch_bounds__(256) escort_conv(
             for (int kk = 0; kk < KW; ++kk) {
                 const int r = warp * KW + kk;
                 if (row0 + kk < p.K) {
-                    const int2* e = mcur + p.header + header[r];
-                    const int2* const end = mcur + p.header + header[r + 1];
+                    unsigned int e = records + 8u * (unsigned int)header[r];
+                    const unsigned int end = records + 8u * (unsigned int)header[r + 1];
 #pragma unroll 4
-                    for (; e < end; ++e) {
-                        const int2 m = *e;
+                    for (; e < end; e += 8u) {
+                        const int2 m = ld_shared_record(e);
                         const float v = __int_as_float(m.x);
 #pragma unroll
                         for (int i = 0; i < P; ++i)

@@ -220,6 +220,8 @@ __global__ void __launch_bounds__(256) escort_conv_half(
             }
             __syncthreads();
             const int* header = reinterpret_cast<const int*>(mcur);
+            const unsigned int records =
+                (unsigned int)__cvta_generic_to_shared(mcur + p.header);
             unsigned int px[P];
 #pragma unroll
             for (int i = 0; i < P; ++i)
@@ -228,14 +230,14 @@ __global__ void __launch_bounds__(256) escort_conv_half(
             for (int kk = 0; kk < KW; ++kk) {
                 const int r = warp * KW + kk;
                 if (row0 + kk < p.K) {
-                    const int2* e = mcur + p.header + header[r];
-                    const int2* const end = mcur + p.header + header[r + 1];
+                    unsigned int e = records + 8u * (unsigned int)header[r];
+                    const unsigned int end = records + 8u * (unsigned int)header[r + 1];
                     unsigned int sums[P];
 #pragma unroll
                     for (int i = 0; i < P; ++i) sums[i] = 0u;
 #pragma unroll 4
-                    for (; e < end; ++e) {
-                        const int2 m = *e;
+                    for (; e < end; e += 8u) {
+                        const int2 m = ld_shared_record(e);
 #pragma unroll
                         for (int i = 0; i < P; ++i)
                             sums[i] = th_hfma2((unsigned int)m.x,

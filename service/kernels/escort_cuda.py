@@ -107,17 +107,26 @@ __device__ __forceinline__ void stage_chunk(
         const int gh = ih0 + ih;
         const int gw = iw0 + iw;
         const bool inside = (unsigned int)gh < (unsigned int)p.H && (unsigned int)gw < (unsigned int)p.W;
-        const float* src0 = x + (inside ? gh * p.W + gw : 0);
         int nb = sp_plan.plane0 / p.CC;
         int cl = sp_plan.plane0 - nb * p.CC;
+        // Offset of plane q's element (image n0 + nb, channel c0 + cl) and where it goes, both
+        // stepped with q: no 64-bit multiply per element (the SASS had ~56 instructions each).
+        long long at = ((long long)(n0 + nb) * p.C + c0 + cl) * plane_floats
+                       + (inside ? gh * p.W + gw : 0);
+        const long long step = (long long)sp_plan.plane_step * plane_floats;
+        const long long next_image = (long long)(p.C - p.CC) * plane_floats;
+        float* dst = buf + sp_plan.plane0 * plane_stride + ih * p.pitch + iw;
+        const int dst_step = sp_plan.plane_step * plane_stride;
         for (int q = sp_plan.plane0; q < planes; q += sp_plan.plane_step) {
             const bool ok = inside && cl < cn && n0 + nb < p.N;
-            const float* src = ok ? src0 + ((long long)(n0 + nb) * p.C + c0 + cl) * plane_floats : x;
-            cp_async4(buf + q * plane_stride + ih * p.pitch + iw, src, ok ? 4 : 0);
+            cp_async4(dst, ok ? x + at : x, ok ? 4 : 0);
+            dst += dst_step;
+            at += step;
             cl += sp_plan.plane_step;
             while (cl >= p.CC) {
                 cl -= p.CC;
                 ++nb;
+                at += next_image;
             }
         }
     }

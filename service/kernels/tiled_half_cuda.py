@@ -134,20 +134,28 @@ __device__ __forceinline__ void stage_chunk_half(
         const bool row_in = (unsigned int)gh < (unsigned int)p.H;
         const bool in0 = row_in && (unsigned int)gw < (unsigned int)p.W;
         const bool in1 = row_in && (unsigned int)(gw + p.sw) < (unsigned int)p.W;
-        const long long at = (long long)gh * p.W + gw;
-        const int cell = ih * p.pitch + (iw & 1) * half + (iw >> 1);
         int nb = sp_plan.plane0 / p.CC;
         int cl = sp_plan.plane0 - nb * p.CC;
+        // Offset of plane q's element and its cell, stepped with q (as in stage_chunk).
+        long long at = ((long long)(n0 + nb) * p.C + c0 + cl) * plane_elems
+                       + (long long)gh * p.W + gw;
+        const long long step = (long long)sp_plan.plane_step * plane_elems;
+        const long long next_image = (long long)(p.C - p.CC) * plane_elems;
+        unsigned int* dst = buf + sp_plan.plane0 * plane_stride + ih * p.pitch
+                            + (iw & 1) * half + (iw >> 1);
+        const int dst_step = sp_plan.plane_step * plane_stride;
         for (int q = sp_plan.plane0; q < planes; q += sp_plan.plane_step) {
             const bool ok = cl < cn && n0 + nb < p.N;
-            const long long base = ((long long)(n0 + nb) * p.C + c0 + cl) * plane_elems + at;
-            const unsigned int a = ok && in0 ? (unsigned int)__ldg(x + base) : 0u;
-            const unsigned int b = ok && in1 ? (unsigned int)__ldg(x + base + p.sw) : 0u;
-            buf[q * plane_stride + cell] = a | (b << 16);
+            const unsigned int a = ok && in0 ? (unsigned int)__ldg(x + at) : 0u;
+            const unsigned int b = ok && in1 ? (unsigned int)__ldg(x + at + p.sw) : 0u;
+            *dst = a | (b << 16);
+            dst += dst_step;
+            at += step;
             cl += sp_plan.plane_step;
             while (cl >= p.CC) {
                 cl -= p.CC;
                 ++nb;
+                at += next_image;
             }
         }
     }

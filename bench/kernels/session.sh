@@ -34,7 +34,7 @@ for stage in "$@"; do
     model)
       python3 -m bench.model.run --out "$R" --cache-dir /tmp/escort-cache --no-progress \
         --models resnet50-uniform90 --batches 1,64 \
-        --configs dense-fp32,dense-tf32,dense-fp16,sparse-fp32,auto-fp32,sparse-fp16,auto-fp16 \
+        --configs ${MODEL_CONFIGS:-dense-fp32,dense-tf32,dense-fp16,sparse-fp32,auto-fp32,sparse-fp16,auto-fp16} \
         2>&1 | tail -30 ;;
     ncu)
       for spec in ${NCU_SPECS:-resnet50.l3.3x3:16 vgg16.conv4_2:16 resnet50.l3.3x3:1}; do

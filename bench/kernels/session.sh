@@ -55,6 +55,7 @@ for stage in "$@"; do
       ncu -i "$R/sass.ncu-rep" --page source --csv --print-source sass >"$R/sass-$layer.csv" \
         2>>"$R/sass-run.log" || ncu -i "$R/sass.ncu-rep" --page source --csv \
         >"$R/sass-$layer.csv" 2>>"$R/sass-run.log"
+      python3 -m bench.kernels.sass_summary "$R/sass-$layer.csv" --out "$R"
       rm -f "$R/sass.ncu-rep"; ls -la "$R"/sass-* ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
